@@ -1,0 +1,29 @@
+# Two entry points: `make run` (main job on the embedded model) and `make test`.
+# Both create .venv on first use and reuse it after.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.genfast-installed
+
+.PHONY: run test lint train-mini bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: these wheels lie on this machine's disk (pip finds them offline)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/genfast generate --out outputs/grid.png
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check genfast tests bench
+
+train-mini: $(STAMP)
+	$(VENV)/bin/genfast train-mini
+
+bench: $(STAMP)
+	$(PY) bench/mini_quality.py

@@ -1,0 +1,1 @@
+"""Procedural data sets genfast trains and measures on."""

@@ -1,0 +1,1 @@
+"""Evaluation: the embedded attribute classifier, prompt accuracy, figures."""

@@ -1,0 +1,52 @@
+"""The embedded default models in assets/: genfast-mini and its evaluator.
+
+They ship with the repository and load offline. `GENFAST_ASSETS` points elsewhere (a copy
+next to an installed package, say).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(os.environ.get("GENFAST_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
+MINI = "genfast-mini"
+EVALUATOR = "genfast-evaluator"
+
+
+def asset_path(name: str) -> Path:
+    path = ASSETS / name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"embedded model {name!r} not found at {path}. Check out the repository's assets/ folder "
+            f"(or set GENFAST_ASSETS to where it is), or rebuild it with `genfast train-mini`."
+        )
+    return path
+
+
+def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
+    """Any local diffusers pipeline folder, loaded offline; a missing folder is a clear error."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no diffusers pipeline at {path}: expected a folder with model_index.json "
+            f"(one written by save_pretrained)"
+        )
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    return pipe.to(device)
+
+
+def load_mini(device: str | torch.device = "cpu", dtype=torch.float32):
+    """genfast-mini as a StableDiffusionPipeline (64x64 images, 16x16x4 latents)."""
+    return load_pipeline(asset_path(MINI), device, dtype)
+
+
+def load_evaluator(device: str | torch.device = "cpu"):
+    """The attribute classifier that judges genfast-mini's images (genfast.eval.classifier)."""
+    from .eval.classifier import AttributeClassifier
+
+    return AttributeClassifier.from_pretrained(asset_path(EVALUATOR)).to(device).eval()

@@ -1,0 +1,1 @@
+"""Training loops on accelerate: resumable, atomic checkpoints, progress bars."""

@@ -1,0 +1,403 @@
+"""`genfast train-mini`: train genfast-mini and its evaluator from nothing, on a CPU.
+
+Stages, each resumable and skipped when its output already exists:
+  1. tokenizer   the caption grammar as a CLIPTokenizer
+  2. evaluator   attribute classifier (shape, colour, size, position, background)
+  3. vae         AutoencoderKL, factor 4, 4 latent channels (L1 + MSE + tiny KL)
+  4. pool        a fixed pool of shapes images encoded once to latents
+  5. denoiser    UNet2DConditionModel + CLIPTextModel trained jointly, then saved as a
+                 StableDiffusionPipeline
+
+Choices that make colour binding learnable on this budget (see the model card):
+  * zero-terminal-SNR noise schedule with v-prediction. With SD's usual schedule the last
+    timestep still leaks ~7% of the signal, so the model learns to keep the noise's mean
+    colour and at sampling time colours come out washed out or on the wrong region;
+  * loss weight min(SNR + 1, gamma) / (SNR + 1) on v (min-SNR, but the pure-noise step keeps
+    its weight: that is where the colours of shape and background are decided);
+  * saturated shape colours against muted backgrounds (genfast.data.shapes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..data.shapes import HEADS, CaptionStyle, ShapesDataset, caption, grammar_words, render_batch, to_tensor
+from ..data.tokenizer import MAX_LENGTH, build_tokenizer_files
+from ..eval.classifier import AttributeClassifier
+from ..eval.prompt_accuracy import HELDOUT_SEED, eval_prompts, prompt_accuracy
+from ..io import atomic_dir, atomic_write_text
+from .checkpoint import Checkpointer
+
+TRAIN_SEED = 0
+NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+}
+
+
+@dataclass
+class MiniRecipe:
+    """Every number that decides what `genfast train-mini` produces."""
+
+    seed: int = TRAIN_SEED
+    # evaluator
+    clf_steps: int = 800
+    clf_batch: int = 128
+    clf_lr: float = 2e-3
+    # autoencoder
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    # denoiser
+    pool_size: int = 40_000
+    unet_steps: int = 4500
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    unet_warmup: int = 200
+    min_snr_gamma: float = 5.0
+    p_uncond: float = 0.1
+    ema_power: float = 0.75
+    eval_every: int = 500
+    ckpt_every: int = 250
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if isinstance(value, (int, float)) and value < 0:
+                raise ValueError(f"MiniRecipe.{name} must be >= 0, got {value}")
+        if self.unet_batch == 0 or self.vae_batch == 0 or self.clf_batch == 0:
+            raise ValueError("MiniRecipe batch sizes must be > 0")
+
+    @classmethod
+    def tiny(cls) -> MiniRecipe:
+        """A few steps of everything: checks the whole path in seconds (tests, smoke runs)."""
+        return cls(
+            clf_steps=3, clf_batch=8, vae_steps=3, vae_batch=4, pool_size=32,
+            unet_steps=3, unet_batch=4, unet_warmup=1, eval_every=0, ckpt_every=2,
+        )
+
+
+# ---- model shapes (standard diffusers / transformers classes only) ----
+
+def vae_config() -> dict:
+    return {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 64,
+        "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16,
+    }
+
+
+def unet_config(cross_attention_dim: int = 128) -> dict:
+    return {
+        "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "block_out_channels": (32, 128, 192),
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": cross_attention_dim, "attention_head_dim": 4, "norm_num_groups": 32,
+    }
+
+
+def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def inference_scheduler() -> DDIMScheduler:
+    # trailing spacing starts sampling at t=999, the pure-noise step the model was trained on
+    return DDIMScheduler(
+        **NOISE_SCHEDULE, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
+        steps_offset=1,  # unused by trailing spacing; set so diffusers does not flag the config
+    )
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blur and noise, so the evaluator also reads slightly soft generated images right."""
+    n = images.shape[0]
+    soft = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(n, 1, 1, 1, generator=gen)
+    images = images * (1 - mix) + soft * mix
+    return images + torch.randn(images.shape, generator=gen) * 0.06 * torch.rand(n, 1, 1, 1, generator=gen)
+
+
+class MiniTrainer:
+    def __init__(self, out_dir: str | Path = "assets", work_dir: str | Path = ".genfast-train/mini",
+                 recipe: MiniRecipe | None = None, log=print):
+        self.out = Path(out_dir)
+        self.work = Path(work_dir)
+        self.recipe = recipe or MiniRecipe()
+        self.log = log
+        self.mini_dir = self.out / "genfast-mini"
+        self.eval_dir = self.out / "genfast-evaluator"
+        self.accelerator = Accelerator()
+        self.timings: dict[str, float] = {}
+
+    # -- helpers --
+    def _stage_done(self, path: Path, name: str) -> bool:
+        if path.exists():
+            self.log(f"[{name}] found {path}, skipping (delete it to retrain)")
+            return True
+        return False
+
+    def _loop(self, name, steps, modules, optimizer, lr_sched, step_fn, ema=None, on_step=None):
+        """The shared resumable loop: prepare, resume, step, checkpoint, progress bar."""
+        acc = self.accelerator
+        prepared = acc.prepare(*modules, optimizer, lr_sched)
+        models = prepared[: len(modules)]
+        if ema is not None:
+            acc.register_for_checkpointing(ema)
+        ckpt = Checkpointer(acc, self.work / name)
+        start = ckpt.resume()
+        if start:
+            self.log(f"[{name}] resumed at step {start}")
+        t0 = time.time()
+        bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
+                   disable=not acc.is_local_main_process)
+        for step in bar:
+            loss = step_fn(step, *models)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                params = [p for m in modules for p in m.parameters()]
+                acc.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step([p for m in modules for p in m.parameters()])
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            done = step + 1
+            if on_step is not None:
+                on_step(done)
+            if self.recipe.ckpt_every and (done % self.recipe.ckpt_every == 0) and done < steps:
+                ckpt.save(done)
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
+        return prepared
+
+    # -- stages --
+    def tokenizer(self) -> CLIPTokenizer:
+        path = self.mini_dir / "tokenizer"
+        if not path.exists():
+            with atomic_dir(path) as tmp:
+                build_tokenizer_files(grammar_words(), tmp)
+        return CLIPTokenizer.from_pretrained(path)
+
+    def evaluator(self) -> AttributeClassifier:
+        if self._stage_done(self.eval_dir, "evaluator"):
+            return AttributeClassifier.from_pretrained(self.eval_dir)
+        r = self.recipe
+        torch.manual_seed(r.seed)
+        model = AttributeClassifier()
+        opt = torch.optim.AdamW(model.parameters(), lr=r.clf_lr, weight_decay=1e-4)
+        sched = get_scheduler("cosine", opt, num_warmup_steps=min(50, r.clf_steps), num_training_steps=r.clf_steps)
+        heads = list(HEADS)
+
+        def step_fn(step, model):
+            # indices 10^8 and up: disjoint from the images the denoiser's pool uses
+            imgs, _, labels = render_batch(r.clf_batch, r.seed, start=10**8 + step * r.clf_batch)
+            gen = torch.Generator().manual_seed(r.seed * 7919 + step)
+            x = _augment(to_tensor(imgs), gen)
+            y = torch.from_numpy(labels)
+            logits = model(x)
+            return sum(F.cross_entropy(logits[h], y[:, i]) for i, h in enumerate(heads))
+
+        (model, *_) = self._loop("evaluator", r.clf_steps, [model], opt, sched, step_fn)
+        model = self.accelerator.unwrap_model(model).eval()
+        with atomic_dir(self.eval_dir) as tmp:
+            model.save_pretrained(tmp)
+        return model
+
+    def vae(self) -> AutoencoderKL:
+        path = self.mini_dir / "vae"
+        if self._stage_done(path, "vae"):
+            return AutoencoderKL.from_pretrained(path)
+        r = self.recipe
+        torch.manual_seed(r.seed)
+        vae = AutoencoderKL(**vae_config())
+        opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+        sched = get_scheduler("cosine", opt, num_warmup_steps=min(100, r.vae_steps), num_training_steps=r.vae_steps)
+
+        def step_fn(step, vae):
+            imgs, _, _ = render_batch(r.vae_batch, r.seed, start=2 * 10**8 + step * r.vae_batch)
+            x = to_tensor(imgs)
+            post = vae.encode(x).latent_dist
+            recon = vae.decode(post.sample(torch.Generator().manual_seed(step))).sample
+            return F.l1_loss(recon, x) + F.mse_loss(recon, x) + r.vae_kl * post.kl().mean()
+
+        (vae, *_) = self._loop("vae", r.vae_steps, [vae], opt, sched, step_fn)
+        vae = self.accelerator.unwrap_model(vae).eval()
+        # scale latents to unit variance, as SD's 0.18215 does for its autoencoder
+        imgs, _, _ = render_batch(512, HELDOUT_SEED)
+        with torch.no_grad():
+            std = vae.encode(to_tensor(imgs)).latent_dist.mode().std().item()
+        vae.register_to_config(scaling_factor=1.0 / std)
+        with atomic_dir(path) as tmp:
+            vae.save_pretrained(tmp)
+        return vae
+
+    def latent_pool(self, vae: AutoencoderKL):
+        """Encode pool_size training images once; the denoiser samples from them."""
+        r = self.recipe
+        path = self.work / "latent_pool.safetensors"
+        ds = ShapesDataset(r.pool_size, seed=r.seed)
+        scenes = []
+        images = []
+        for i in tqdm(range(r.pool_size), desc="pool: render", disable=not self.accelerator.is_local_main_process):
+            image, _, scene = ds.sample(i)
+            scenes.append(scene)
+            if not path.exists():
+                images.append(image)
+        if path.exists():
+            latents = load_file(path)["latents"]
+            if len(latents) == r.pool_size:
+                return latents, scenes
+        images = np.stack(images)
+        out = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(images), 256), desc="pool: encode",
+                          disable=not self.accelerator.is_local_main_process):
+                x = to_tensor(images[i : i + 256])
+                out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+        latents = torch.cat(out).contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"latents": latents}, tmp)
+        tmp.replace(path)
+        return latents, scenes
+
+    def denoiser(self, tokenizer, vae, evaluator) -> StableDiffusionPipeline:
+        if self._stage_done(self.mini_dir / "unet", "denoiser"):
+            return StableDiffusionPipeline.from_pretrained(self.mini_dir)
+        r = self.recipe
+        latents, scenes = self.latent_pool(vae)
+        torch.manual_seed(r.seed)
+        text_encoder = CLIPTextModel(text_config(tokenizer))
+        unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
+        noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
+        alphas = noise_sched.alphas_cumprod
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=1e-2)
+        sched = get_scheduler("cosine", opt, num_warmup_steps=r.unet_warmup, num_training_steps=r.unet_steps)
+        ema = EMAModel(params, use_ema_warmup=True, power=r.ema_power, decay=0.9995)
+        style = CaptionStyle()
+        log_path = self.work / "denoiser_log.jsonl"
+
+        def step_fn(step, unet, text_encoder):
+            rng = np.random.default_rng([r.seed, 3, step])
+            idx = rng.integers(0, len(latents), size=r.unet_batch)
+            captions = ["" if rng.random() < r.p_uncond else caption(scenes[i], rng, style) for i in idx]
+            ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                            return_tensors="pt").input_ids
+            x0 = latents[torch.from_numpy(idx)]
+            gen = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+            noisy = noise_sched.add_noise(x0, noise, t)
+            target = noise_sched.get_velocity(x0, noise, t)
+            pred = unet(noisy, t, text_encoder(ids)[0]).sample
+            snr = alphas[t] / (1 - alphas[t])
+            weight = torch.clamp(snr + 1, max=r.min_snr_gamma) / (snr + 1)
+            per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+            return (weight * per_sample).mean()
+
+        def on_step(done):
+            if r.eval_every and done % r.eval_every == 0:
+                acc = self._quick_eval(tokenizer, vae, unet, text_encoder, ema, evaluator)
+                self.log(f"[denoiser] step {done}: prompt accuracy {acc}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": done, **acc}) + "\n")
+
+        unet.train()
+        text_encoder.train()
+        unet, text_encoder, *_ = self._loop("denoiser", r.unet_steps, [unet, text_encoder], opt, sched,
+                                            step_fn, ema=ema, on_step=on_step)
+        unet = self.accelerator.unwrap_model(unet)
+        text_encoder = self.accelerator.unwrap_model(text_encoder)
+        ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
+        pipe = self._pipeline(tokenizer, vae, unet.eval(), text_encoder.eval())
+        return pipe
+
+    @staticmethod
+    def _pipeline(tokenizer, vae, unet, text_encoder) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    @torch.no_grad()
+    def _quick_eval(self, tokenizer, vae, unet, text_encoder, ema, evaluator, n=64) -> dict:
+        """Prompt accuracy of the EMA weights on n held-out prompts (20 steps, guidance 5)."""
+        u, te = copy.deepcopy(self.accelerator.unwrap_model(unet)), copy.deepcopy(
+            self.accelerator.unwrap_model(text_encoder))
+        ema.copy_to(list(u.parameters()) + list(te.parameters()))
+        pipe = self._pipeline(tokenizer, vae, u.eval(), te.eval())
+        pipe.set_progress_bar_config(disable=True)
+        prompts = eval_prompts(n)
+        images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+        return {k: round(v, 3) for k, v in prompt_accuracy(images * 2 - 1, prompts, evaluator).items()}
+
+    def save_pipeline(self, pipe: StableDiffusionPipeline):
+        """Save in fp16 (the whole pipeline stays under 20 MB); loads back as usual."""
+        if (self.mini_dir / "unet").exists():
+            return
+        r = self.recipe
+        with atomic_dir(self.mini_dir) as tmp:
+            pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+            # diffusers loads fp16 weights into fp32 modules by default, transformers follows the
+            # config's dtype: say float32 there so a plain from_pretrained gives one dtype throughout
+            te_config = tmp / "text_encoder" / "config.json"
+            config = json.loads(te_config.read_text())
+            config["dtype"] = "float32"
+            te_config.write_text(json.dumps(config, indent=2))
+            card = self.mini_dir / "README.md"
+            if card.exists():  # the model card is written by hand from bench figures: keep it
+                (tmp / "README.md").write_text(card.read_text())
+            atomic_write_text(tmp / "training.json", json.dumps(
+                {"recipe": asdict(r), "minutes": {k: round(v / 60, 1) for k, v in self.timings.items()}},
+                indent=2))
+        pipe.to(torch.float32)
+
+    def run(self) -> Path:
+        t0 = time.time()
+        tokenizer = self.tokenizer()
+        evaluator = self.evaluator()
+        vae = self.vae()
+        pipe = self.denoiser(tokenizer, vae, evaluator)
+        self.save_pipeline(pipe)
+        self.log(f"train-mini finished in {(time.time() - t0) / 60:.1f} min; "
+                 f"stage minutes: { {k: round(v / 60, 1) for k, v in self.timings.items()} }")
+        return self.mini_dir
+
+
+def train_mini(out_dir="assets", work_dir=".genfast-train/mini", recipe: MiniRecipe | None = None) -> Path:
+    return MiniTrainer(out_dir, work_dir, recipe).run()

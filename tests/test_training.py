@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusionPipeline
+
+from genfast.eval.classifier import AttributeClassifier
+from genfast.io import atomic_dir
+from genfast.training import mini
+from genfast.training.checkpoint import Checkpointer
+from genfast.training.mini import MiniRecipe, MiniTrainer
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_write_fails(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (target / "weights").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_checkpointer_restores_weights_and_step(tmp_path):
+    torch.manual_seed(0)
+    acc = Accelerator()
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model, opt = acc.prepare(model, opt)
+    ckpt = Checkpointer(acc, tmp_path)
+    assert ckpt.resume() == 0
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.save(3)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert Checkpointer(acc, tmp_path).resume() == 3
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_train_mini_tiny_end_to_end_loads_as_plain_pipeline(tmp_path):
+    out = MiniTrainer(tmp_path / "assets", tmp_path / "work", MiniRecipe.tiny(), log=lambda *_: None).run()
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    card = json.loads((out / "training.json").read_text())
+    assert card["recipe"]["unet_steps"] == 3
+    AttributeClassifier.from_pretrained(tmp_path / "assets" / "genfast-evaluator")
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    recipe = MiniRecipe.tiny()
+    recipe.clf_steps, recipe.ckpt_every = 4, 2
+
+    def train(root):
+        return MiniTrainer(root / "assets", root / "work", recipe, log=lambda *_: None).evaluator()
+
+    straight = train(tmp_path / "a")
+
+    real_render = mini.render_batch
+    calls = {"n": 0}
+
+    def crash_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(mini, "render_batch", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b")
+    assert not (tmp_path / "b" / "assets" / "genfast-evaluator").exists()
+    monkeypatch.setattr(mini, "render_batch", real_render)
+    resumed = train(tmp_path / "b")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_recipe_rejects_bad_values():
+    with pytest.raises(ValueError, match="unet_lr"):
+        MiniRecipe(unet_lr=-1.0)
+    with pytest.raises(ValueError, match="batch"):
+        MiniRecipe(unet_batch=0)
