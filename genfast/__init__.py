@@ -1,6 +1,7 @@
 """genfast: make generative models cheaper to run and to personalize."""
 
+from .api import Handle, accelerate, list_methods
 from .models import load_evaluator, load_mini
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_evaluator", "load_mini"]
+__all__ = ["Handle", "__version__", "accelerate", "list_methods", "load_evaluator", "load_mini"]

@@ -1,8 +1,8 @@
 """A CLIPTokenizer whose vocabulary is the caption grammar.
 
 transformers' CLIPTokenizer is a byte-level BPE (vocabulary + merges). We build one in
-which every grammar word is a single token. Anything else (an unknown word, a typo) ends up as the unknown token, so an
-out-of-grammar prompt still encodes instead of crashing.
+which every grammar word is a single token. Anything else (an unknown word, a typo) ends up
+as unknown tokens, so an out-of-grammar prompt still encodes instead of crashing.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def build_tokenizer_files(words: list[str], out_dir: str | os.PathLike) -> Path:
         pad_token=EOS,
         model_max_length=MAX_LENGTH,
     )
-    # writes tokenizer.json (and vocab.json / merges.txt) that CLIPTokenizer.from_pretrained reads
+    # writes tokenizer.json + tokenizer_config.json, which CLIPTokenizer.from_pretrained reads
     tok.save_pretrained(out)
     return out
 
