@@ -1,7 +1,7 @@
 """Tiny pipelines of every kind genfast serves, built from configs so tests run in seconds on a CPU.
 
 Same classes as the real thing (SD-1.x-shaped, SDXL-shaped with added conditioning, img2img,
-inpaint, ControlNet, DiT), random weights, 32x32 images. The tokenizer is genfast-mini's.
+inpaint, ControlNet, DiT, PixArt-alpha), random weights, 32x32 images. The tokenizer is genfast-mini's.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     HeunDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -22,11 +24,18 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 from genfast.models import ASSETS
 
-KINDS = ("sd", "sdxl", "img2img", "inpaint", "controlnet", "dit")
+KINDS = ("sd", "sdxl", "img2img", "inpaint", "controlnet", "dit", "pixart")
 SCHEDULERS = {
     "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
     "dpm++2m": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
@@ -106,6 +115,16 @@ def build(kind: str, seed: int = 0):
         ).eval()
         pipe = DiTPipeline(transformer=transformer, vae=_vae(), scheduler=_scheduler(),
                            id2label={0: "circle", 1: "square"})
+    elif kind == "pixart":
+        tok = tokenizer()  # PixArt ships a T5 tokenizer; any tokenizer with the same call works here
+        text = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                       num_heads=2)).eval()
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
+            sample_size=16, patch_size=2, norm_num_groups=8, cross_attention_dim=16, caption_channels=16,
+        ).eval()
+        pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=_vae(), transformer=transformer,
+                                   scheduler=_scheduler())
     else:
         raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
     pipe.set_progress_bar_config(disable=True)
@@ -120,6 +139,8 @@ def inputs(kind: str, steps: int = 8, seed: int = 0, batch: int = 1) -> dict:
                     guidance_scale=4.0, generator=gen, output_type="np")
     args = dict(prompt=["a red circle on the left"] * batch, num_inference_steps=steps, guidance_scale=5.0,
                 generator=gen, output_type="np", height=32, width=32)
+    if kind == "pixart":
+        args.update(max_sequence_length=32, clean_caption=False, use_resolution_binning=False)
     g = torch.Generator().manual_seed(123)
     image = torch.rand(batch, 3, 32, 32, generator=g)
     if kind == "img2img":
