@@ -139,9 +139,8 @@ def test_few_steps_run_unaccelerated_with_a_warning(pipes):
     pipe = pipes["sd"]
     pipe.scheduler = SCHEDULERS["ddim"](pipe.scheduler.config)
     baseline = run(pipe, "sd", steps=4)
-    with genfast.accelerate(pipe, "feature_inheritance", interval=3):
-        with pytest.warns(UserWarning, match="unaccelerated"):
-            out = run(pipe, "sd", steps=4)
+    with genfast.accelerate(pipe, "feature_inheritance", interval=3), pytest.warns(UserWarning, match="unaccelerated"):
+        out = run(pipe, "sd", steps=4)
     assert np.array_equal(out, baseline)
 
 

@@ -135,7 +135,7 @@ def inputs(kind: str, steps: int = 8, seed: int = 0, batch: int = 1) -> dict:
     """Call arguments for a pipeline of `kind`, with a fresh seeded generator each time."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "dit":
-        return dict(class_labels=[0, 1][:batch] * (batch // 2 + 1) if batch > 1 else [1], num_inference_steps=steps,
+        return dict(class_labels=[1 - i % 2 for i in range(batch)], num_inference_steps=steps,
                     guidance_scale=4.0, generator=gen, output_type="np")
     args = dict(prompt=["a red circle on the left"] * batch, num_inference_steps=steps, guidance_scale=5.0,
                 generator=gen, output_type="np", height=32, width=32)
