@@ -70,9 +70,9 @@ class MiniRecipe:
     clf_batch: int = 128
     clf_lr: float = 2e-3
     # autoencoder
-    vae_steps: int = 1500
+    vae_steps: int = 3000
     vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     vae_kl: float = 1e-6
     # denoiser
     pool_size: int = 40_000

@@ -1,0 +1,233 @@
+"""FID and KID between two image folders, computed by clean-fid, fully offline.
+
+Two feature spaces:
+
+* ``"mini-features"``: the embedded attribute classifier's penultimate layer (256-d). Always
+  available; numbers are only comparable with other mini-features numbers.
+* ``"inception"``: clean-fid's Inception-V3 (the standard FID). clean-fid would download the
+  weights on first use; genfast only uses them when the file is already on disk.
+
+Every result names its feature space, so a mini-features FID is never mistaken for a standard one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cleanfid import fid as cfid
+from cleanfid.downloads_helper import inception_url
+from cleanfid.inception_torchscript import InceptionV3W
+from cleanfid.resize import make_resizer
+from cleanfid.utils import EXTENSIONS
+from PIL import Image
+
+from ..io import atomic_dir
+
+FEATURE_SPACES = ("mini-features", "inception")
+INCEPTION_FILE = os.path.basename(inception_url)  # "inception-2015-12-05.pt"
+MODE = "clean"  # clean-fid's PIL-based resizing; the only mode whose Inception model we can load offline
+
+
+class MiniFeatureExtractor(torch.nn.Module):
+    """clean-fid feature extractor backed by the embedded attribute classifier.
+
+    clean-fid calls it with float images (N, 3, H, W) in [0, 255]; it returns (N, 256) features.
+    """
+
+    def __init__(self, classifier=None, device: str | torch.device = "cpu"):
+        super().__init__()
+        if classifier is None:
+            from ..models import load_evaluator
+
+            classifier = load_evaluator(device)
+        self.classifier = classifier.to(device).eval()
+        self.image_size = int(classifier.config.image_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        param = next(self.classifier.parameters())
+        x = images.to(param.device, torch.float32)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            # only reached when clean-fid resized to another size (e.g. its default 299 without our resizer)
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0, 255)
+        x = x / 127.5 - 1.0  # the classifier was trained on images in [-1, 1]
+        with torch.no_grad():
+            return self.classifier.embed(x.to(param.dtype)).float()
+
+
+def mini_resizer(image_size: int = 64):
+    """clean-fid's own 'clean' resizer (PIL bicubic, float, no quantization) at the evaluator's size.
+
+    At 64x64 input it is the identity, so the evaluator sees the saved pixels unchanged.
+    """
+    return make_resizer("PIL", False, "bicubic", (image_size, image_size))
+
+
+# ---------------------------------------------------------------- Inception, offline only
+
+
+def inception_cache_dir() -> Path:
+    """Where clean-fid keeps its Inception weights (it hard-codes this folder in cleanfid.features)."""
+    return Path("./" if platform.system() == "Windows" else "/tmp")
+
+
+def inception_weights_path(inception_weights: str | os.PathLike | None = None) -> Path:
+    """The local Inception file to use; FileNotFoundError (with the fix) when it is not on disk."""
+    if inception_weights is None:
+        path = inception_cache_dir() / INCEPTION_FILE
+    else:
+        path = Path(inception_weights)
+        if path.is_dir():
+            path = path / INCEPTION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Inception weights for FID/KID[inception] not found: {path} does not exist. genfast never "
+            f"downloads them. Fetch {inception_url} on a machine with internet and put it at "
+            f"{inception_cache_dir() / INCEPTION_FILE} (clean-fid's cache) or pass inception_weights=<path to "
+            f"{INCEPTION_FILE}>. Or use feature_space='mini-features', which needs no download."
+        )
+    if path.name != INCEPTION_FILE:
+        # clean-fid's loader takes a folder and a fixed file name
+        raise FileNotFoundError(
+            f"clean-fid loads Inception weights only under the name {INCEPTION_FILE}; rename {path} to "
+            f"{path.with_name(INCEPTION_FILE)} and pass that path (or its folder) as inception_weights."
+        )
+    return path
+
+
+def load_inception(inception_weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """clean-fid's Inception wrapper built from a local file, with its download switched off."""
+    path = inception_weights_path(inception_weights)
+    return InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
+
+
+# ---------------------------------------------------------------- folders and metrics
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """The image files clean-fid will read from `folder` (same extensions and recursive search)."""
+    # not deduplicated, like clean-fid: the count must match the features it computes
+    return sorted(f for ext in EXTENSIONS for f in glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
+
+
+def _check_folder(folder: str | os.PathLike) -> int:
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(
+            f"image folder {folder} does not exist (or is not a folder); write images there with save_images"
+        )
+    n = len(list_images(folder))
+    if n < 2:
+        # a covariance (FID) or a kernel subset (KID) needs at least two samples
+        raise ValueError(f"image folder {folder} holds {n} image(s); FID/KID need at least 2 (use hundreds or more)")
+    return n
+
+
+def _extractor(feature_space: str, inception_weights, device: torch.device):
+    """(feature model, custom resize function or None) for a feature space."""
+    if feature_space == "mini-features":
+        model = MiniFeatureExtractor(device=device)
+        return model, mini_resizer(model.image_size)
+    if feature_space == "inception":
+        return load_inception(inception_weights, device), None  # clean mode resizes to 299 itself
+    raise ValueError(f"unknown feature_space {feature_space!r}; choose one of {FEATURE_SPACES}")
+
+
+def _report(metric: str, value: float, feature_space: str, n_a: int, n_b: int) -> dict:
+    return {"name": f"{metric}[{feature_space}]", "value": float(value), "feature_space": feature_space,
+            "n_a": n_a, "n_b": n_b}
+
+
+def fid_folders(
+    dir_a: str | os.PathLike,
+    dir_b: str | os.PathLike,
+    feature_space: str = "mini-features",
+    inception_weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> dict:
+    """FID between the images in two folders, by cleanfid.fid.compute_fid, in the given feature space."""
+    n_a, n_b = _check_folder(dir_a), _check_folder(dir_b)
+    device = torch.device(device)
+    model, resize = _extractor(feature_space, inception_weights, device)
+    value = cfid.compute_fid(
+        str(dir_a), str(dir_b), mode=MODE, custom_feat_extractor=model, custom_fn_resize=resize,
+        num_workers=0, batch_size=batch_size, device=device, verbose=False, use_dataparallel=False,
+    )
+    return _report("FID", value, feature_space, n_a, n_b)
+
+
+@contextlib.contextmanager
+def _numpy_seed(seed: int):
+    """clean-fid's KID draws subsets from numpy's global RNG; seed it for this call only."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def kid_folders(
+    dir_a: str | os.PathLike,
+    dir_b: str | os.PathLike,
+    feature_space: str = "mini-features",
+    inception_weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict:
+    """KID between the images in two folders, in the given feature space (reproducible for a seed).
+
+    cleanfid.fid.compute_kid always builds (and may download) its own Inception model, so this runs
+    the same two steps it does, clean-fid's get_folder_features and kernel_distance, with our model.
+    """
+    _check_folder(dir_a)
+    _check_folder(dir_b)
+    device = torch.device(device)
+    model, resize = _extractor(feature_space, inception_weights, device)
+    feats = [
+        cfid.get_folder_features(str(d), model, num_workers=0, batch_size=batch_size, device=device, mode=MODE,
+                                 custom_fn_resize=resize, verbose=False)
+        for d in (dir_a, dir_b)
+    ]
+    with _numpy_seed(seed):
+        value = cfid.kernel_distance(feats[0], feats[1])
+    return _report("KID", value, feature_space, len(feats[0]), len(feats[1]))
+
+
+def _as_pil_list(images) -> list[Image.Image]:
+    if isinstance(images, (list, tuple)) and all(isinstance(im, Image.Image) for im in images):
+        return list(images)
+    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.dtype != np.uint8:
+        raise TypeError(
+            f"save_images needs uint8 images (or PIL images), got dtype {array.dtype}; "
+            f"convert with (x.clamp(0, 1) * 255).round().to(torch.uint8) first"
+        )
+    if array.ndim != 4:
+        raise ValueError(f"save_images needs a batch (N, H, W, C) or (N, C, H, W), got shape {array.shape}")
+    if array.shape[-1] not in (1, 3) and array.shape[1] in (1, 3):
+        array = array.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    if array.shape[-1] == 1:
+        array = array[..., 0]
+    return [Image.fromarray(a) for a in array]
+
+
+def save_images(images, folder: str | os.PathLike) -> Path:
+    """Write images as 00000.png, 00001.png, ... into `folder`, replacing it as a whole.
+
+    images: a uint8 tensor/array (N, H, W, C) or (N, C, H, W), or a list of PIL images. The folder
+    appears only once every file is written, and old images never mix with new ones.
+    """
+    pil = _as_pil_list(images)
+    with atomic_dir(folder) as tmp:
+        for i, im in enumerate(pil):
+            im.save(tmp / f"{i:05d}.png")
+    return Path(folder)
