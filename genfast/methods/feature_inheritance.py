@@ -178,6 +178,7 @@ class _StepState:
         self.n_calls = None
         self.full_mask = None
         self.full = True
+        self.calibrating = False  # an interrupted calibration call must not record a partial run
         for hook in self.hooks:
             hook.cache = None
 
@@ -210,7 +211,6 @@ class _StepState:
     def end_call(self):
         if self.calibrating:
             self.calibration[self.n_calls] = list(self.changes)
-            self.calibrating = False
         self.reset()
 
 
