@@ -170,7 +170,9 @@ class MiniTrainer:
 
     def _loop(self, name, steps, modules, optimizer, lr_sched, step_fn, ema=None, on_step=None):
         """The shared resumable loop: prepare, resume, step, checkpoint, progress bar."""
-        acc = self.accelerator
+        # one Accelerator per stage: its checkpoints must hold this stage's objects only, since a
+        # resumed run skips the finished stages and would otherwise load them in a shifted order
+        acc = self.accelerator = Accelerator()
         prepared = acc.prepare(*modules, optimizer, lr_sched)
         models = prepared[: len(modules)]
         if ema is not None:
