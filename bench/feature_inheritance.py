@@ -11,7 +11,7 @@ are ratios to the baseline measured in this same run. DeepCache (`pip install De
 bench-only dependency: `pip install -e '.[bench]'`) runs with cache_branch_id=0, genfast with
 its equivalent, level="layer", branch=0.
 
-    python bench/feature_inheritance.py [--steps 50] [--intervals 3 5] [--part sd15 mini]
+    python bench/feature_inheritance.py [--steps 50] [--intervals 3 5] [--sd15-intervals 3] [--part sd15 mini]
 """
 
 from __future__ import annotations
@@ -69,13 +69,13 @@ def timed_loop(pipe, call, repeats):
     return out, best
 
 
-def run_variants(pipe, call, steps, intervals, repeats, desc):
-    """{name: (latents, seconds, full steps)} for the baseline and every variant at every interval."""
+def run_variants(pipe, call, steps, intervals, repeats, desc, names=tuple(VARIANTS)):
+    """{name: (latents, seconds, full steps)} for the baseline and each named variant at every interval."""
     results = {}
     pipe(**{**call(), "num_inference_steps": 3})  # warm-up: first-call allocations are not the loop's cost
     latents, secs = timed_loop(pipe, call, repeats)
     results["baseline"] = (latents, secs, steps)
-    jobs = [(name, k) for k in intervals for name in VARIANTS]
+    jobs = [(name, k) for k in intervals for name in names]
     for name, k in tqdm(jobs, desc=desc):
         full = math.ceil(steps / k)
         label = f"{name} (interval {k})"
@@ -96,7 +96,7 @@ def run_variants(pipe, call, steps, intervals, repeats, desc):
 
 
 def part_sd15(args):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from genfast.models import ASSETS
@@ -112,7 +112,10 @@ def part_sd15(args):
     vae = AutoencoderKL(block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=load_mini().scheduler, safety_checker=None, feature_extractor=None,
+                                   scheduler=DDIMScheduler(  # SD-1.5's scheduler settings
+                                       beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+                                   safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(0)
@@ -120,16 +123,19 @@ def part_sd15(args):
 
     def call():
         return dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=args.steps,
-                    guidance_scale=7.5, height=256, width=256, output_type="latent",
+                    guidance_scale=args.sd15_guidance, height=256, width=256, output_type="latent",
                     generator=torch.Generator().manual_seed(0))
 
     with torch.no_grad():
-        results = run_variants(pipe, call, args.steps, args.intervals, args.sd15_repeats, "SD-1.5 arch")
+        # speed only, so one schedule per kind of partial step: at an equal number of full steps the
+        # nonuniform and calibrated schedules do the same work as uniform (see part b)
+        results = run_variants(pipe, call, args.steps, args.sd15_intervals, args.sd15_repeats, "SD-1.5 arch",
+                               names=("deepcache", "genfast uniform", "genfast uniform +attn"))
     base = results["baseline"][1]
     rows = [{"variant": k, "full_steps": f, "loop_s": round(s, 2), "speedup": round(base / s, 2)}
             for k, (_, s, f) in results.items()]
     print(f"\n(a) SD-1.5 UNet architecture ({n_params / 1e6:.0f}M parameters, random weights), 256x256, "
-          f"batch 1 with guidance, {args.steps} DDIM steps, best of {args.sd15_repeats}")
+          f"batch 1, guidance {args.sd15_guidance}, {args.steps} DDIM steps, best of {args.sd15_repeats}")
     print(f"  {'variant':<34} {'full steps':>10} {'loop s':>8} {'speed-up':>9}")
     for r in rows:
         print(f"  {r['variant']:<34} {r['full_steps']:>10} {r['loop_s']:>8.2f} {r['speedup']:>8.2f}x")
@@ -182,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--mini-images", type=int, default=64)
     p.add_argument("--mini-repeats", type=int, default=3)
     p.add_argument("--sd15-repeats", type=int, default=1)
+    p.add_argument("--sd15-intervals", type=int, nargs="+", default=[3])
+    p.add_argument("--sd15-guidance", type=float, default=1.0,
+                   help="1.0: no classifier-free guidance, one UNet pass per step (the CPU takes ~3 s a pass)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
