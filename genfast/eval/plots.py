@@ -13,6 +13,7 @@ def _atomic_savefig(fig, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is for sharing
     os.replace(tmp, path)
     return path
 
