@@ -108,7 +108,9 @@ def part_sd15(args):
     # only the UNet is measured: prompt embeddings are given and latents returned, so the text
     # encoder and the autoencoder (factor 8, as SD's) are small stand-ins that never run in the loop
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=32))
+                                        num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=32,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
     vae = AutoencoderKL(block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
