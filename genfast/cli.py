@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -64,11 +65,8 @@ def cmd_generate(args) -> int:
 def cmd_train_mini(args) -> int:
     from .training.mini import MiniRecipe, train_mini
 
-    recipe = MiniRecipe.tiny() if args.tiny else MiniRecipe()
-    for name in ("clf_steps", "vae_steps", "unet_steps"):
-        if getattr(args, name) is not None:
-            setattr(recipe, name, getattr(args, name))
-    recipe.__post_init__()
+    overrides = {n: getattr(args, n) for n in ("clf_steps", "vae_steps", "unet_steps") if getattr(args, n) is not None}
+    recipe = dataclasses.replace(MiniRecipe.tiny() if args.tiny else MiniRecipe(), **overrides)  # re-validated
     out = train_mini(args.out, args.work_dir, recipe)
     print(f"genfast-mini written to {out}")
     return 0

@@ -29,6 +29,7 @@ def test_same_seed_same_samples_other_seed_differs():
     ds = ShapesDataset(100, seed=3)
     img, text, _labels = ds[10]
     assert torch.equal(img, ds[10][0]) and text == a[1][10]
+    assert all(ds.scene(i) == ds.sample(i)[2] for i in range(20))
 
 
 def test_captions_agree_with_labels():

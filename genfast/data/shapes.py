@@ -279,10 +279,17 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def sample(self, index: int) -> tuple[np.ndarray, str, Scene]:
+    def _rng(self, index: int) -> np.random.Generator:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a data set of {self.length}")
-        rng = np.random.default_rng([self.seed, index])
+        return np.random.default_rng([self.seed, index])
+
+    def scene(self, index: int) -> Scene:
+        """The scene of item `index` without rendering it (the scene is drawn first)."""
+        return sample_scene(self._rng(index), self.p_two)
+
+    def sample(self, index: int) -> tuple[np.ndarray, str, Scene]:
+        rng = self._rng(index)
         scene = sample_scene(rng, self.p_two)
         return render(scene, rng), caption(scene, rng, self.style), scene
 

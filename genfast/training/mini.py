@@ -270,17 +270,15 @@ class MiniTrainer:
         r = self.recipe
         path = self.work / "latent_pool.safetensors"
         ds = ShapesDataset(r.pool_size, seed=r.seed)
-        scenes = []
-        images = []
+        if path.exists():  # resuming: the scenes are enough, no need to render the images again
+            latents = load_file(path)["latents"]
+            if len(latents) == r.pool_size:
+                return latents, [ds.scene(i) for i in range(r.pool_size)]
+        scenes, images = [], []
         for i in tqdm(range(r.pool_size), desc="pool: render", disable=not self.accelerator.is_local_main_process):
             image, _, scene = ds.sample(i)
             scenes.append(scene)
-            if not path.exists():
-                images.append(image)
-        if path.exists():
-            latents = load_file(path)["latents"]
-            if len(latents) == r.pool_size:
-                return latents, scenes
+            images.append(image)
         images = np.stack(images)
         out = []
         with torch.no_grad():
