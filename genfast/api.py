@@ -62,6 +62,11 @@ class Handle:
             delattr(self.target, _HANDLE_ATTR)
         self.removed = True
 
+    @property
+    def stats(self) -> dict:
+        """Per-method counters (feature_inheritance: denoiser calls run full and partial)."""
+        return {}
+
     def __enter__(self):
         return self
 
@@ -84,21 +89,25 @@ def build_config(config_cls, method: str, options: dict):
     return config_cls(**options)
 
 
+def method_config(method: str, options: dict):
+    """The validated config of `method` with `options`: the errors accelerate() would raise, without a pipeline."""
+    _load_builtin_methods()
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return build_config(_METHODS[method].config_cls, method, options)
+
+
 def accelerate(pipe, method: str, **options) -> Handle:
     """Apply an acceleration method to a pipeline; returns a Handle whose remove() undoes it.
 
     >>> handle = genfast.accelerate(pipe, "feature_inheritance", interval=3)
     >>> handle.remove()
     """
-    _load_builtin_methods()
-    if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(_METHODS))}")
+    config = method_config(method, options)
     existing = getattr(pipe, _HANDLE_ATTR, None)
     if existing is not None and not existing.removed:
         raise RuntimeError(
             f"this pipeline is already accelerated with {existing.method!r}; "
             f"call .remove() on that handle before accelerating it again"
         )
-    spec = _METHODS[method]
-    config = build_config(spec.config_cls, method, options)
-    return spec.apply(pipe, config)
+    return _METHODS[method].apply(pipe, config)

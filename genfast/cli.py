@@ -14,6 +14,9 @@ DEFAULT_PROMPTS = [
 ]
 
 
+DEFAULT_COMPARE_METHOD = "feature_inheritance:interval=2,3,5"
+
+
 class CLIError(Exception):
     """A problem with what the user asked for: printed as one line, no traceback."""
 
@@ -62,6 +65,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import shlex
+
+    from .eval.compare import CompareSettings, run_compare
+    from .eval.variants import parse_method_specs
+
+    variants = parse_method_specs(args.method or [DEFAULT_COMPARE_METHOD])  # bad specs fail before loading
+    prompts = _read_prompts(args) if args.prompts_file else None
+    settings = CompareSettings(
+        pipeline=args.pipeline, prompts=prompts, num_images=args.num_images, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, runs=args.runs,
+        feature_space=args.feature_space, inception_weights=args.inception_weights,
+        lpips_weights=args.lpips_weights, dtype=args.dtype, out=args.out,
+        command=shlex.join(["genfast", *args.argv]),
+    )
+    report = run_compare(settings, variants)
+    if report is not None:  # the main process
+        for row in report["variants"]:
+            print(f"{row['name']:<48} {row['speedup']:5.2f}x  PSNR {row['faithfulness']['psnr']:6.2f} dB")
+        print(f"wrote {args.out}/report.md, report.json, grid.png, pareto.png")
+    return 0
+
+
 def cmd_train_mini(args) -> int:
     from .training.mini import MiniRecipe, train_mini
 
@@ -87,6 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs/grid.png")
     g.set_defaults(func=cmd_generate)
 
+    c = sub.add_parser("compare", help="baseline vs accelerated variants: speed, FID, faithfulness, report")
+    c.add_argument("--method", action="append",
+                   help="a method, optionally with option sweeps, e.g. feature_inheritance:interval=2,3,5 "
+                        f"(repeat for several; default: {DEFAULT_COMPARE_METHOD})")
+    c.add_argument("--pipeline", help="a local diffusers pipeline folder (default: embedded genfast-mini)")
+    c.add_argument("--prompts", dest="prompts_file",
+                   help="a text file with one prompt per line, cycled to --num-images "
+                        "(default: held-out genfast-mini evaluation prompts)")
+    c.add_argument("--steps", type=_positive("--steps"), default=25)
+    c.add_argument("--num-images", type=_positive("--num-images"), default=64)
+    c.add_argument("--seed", type=int, default=0, help="image i has seed SEED + i")
+    c.add_argument("--guidance", type=float, default=5.0)
+    c.add_argument("--batch-size", type=_positive("--batch-size"), default=32)
+    c.add_argument("--runs", type=_positive("--runs"), default=3, help="timed calls per variant (median)")
+    c.add_argument("--feature-space", choices=("auto", "mini-features", "inception"), default="auto",
+                   help="FID features; auto: Inception when its weights are on disk, else mini-features")
+    c.add_argument("--inception-weights", help="clean-fid's inception-2015-12-05.pt (file or folder)")
+    c.add_argument("--lpips-weights", help="torchvision's AlexNet weights for LPIPS (default: torch hub cache)")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    c.add_argument("--out", default="outputs/compare")
+    c.set_defaults(func=cmd_compare)
+
     t = sub.add_parser("train-mini", help="train genfast-mini and its evaluator from scratch (CPU, ~1 h)")
     t.add_argument("--out", default="assets", help="where the models are written")
     t.add_argument("--work-dir", default=".genfast-train/mini", help="checkpoints; rerun to resume")
@@ -99,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (CLIError, FileNotFoundError, ValueError) as err:

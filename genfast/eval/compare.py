@@ -1,0 +1,305 @@
+"""`genfast compare`: the baseline and each variant on the same prompts and seeds, side by side.
+
+Per variant it measures speed (median latency of the pipeline call and of the denoising loop,
+denoiser calls, peak memory) and quality (FID in a named feature space, faithfulness to the
+baseline's images, prompt accuracy on genfast-mini), then writes report.json, report.md,
+grid.png and pareto.png.
+
+Under `accelerate launch` the images are shared out over the processes in whole batches (image i
+always has seed + i and sits in the same batch), gathered on the main process, and measured there;
+the main process alone runs the timed calls while the others wait, so timings are not contended.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..io import atomic_write_text
+from .cost import CallCost, measure_cost
+from .variants import BASELINE, Variant
+
+FEATURE_SPACE_CHOICES = ("auto", "mini-features", "inception")
+
+
+@dataclass
+class CompareSettings:
+    pipeline: str | None = None  # a local diffusers pipeline folder; None: the embedded genfast-mini
+    prompts: list[str] | None = None  # None: held-out genfast-mini evaluation prompts
+    num_images: int = 64
+    steps: int = 25
+    guidance: float = 5.0
+    seed: int = 0
+    batch_size: int = 32
+    runs: int = 3  # timed calls per variant (median), after a warm-up call
+    feature_space: str = "auto"  # auto: inception when its weights are on disk, else mini-features
+    inception_weights: str | None = None
+    lpips_weights: str | None = None
+    dtype: str = "float32"
+    out: str = "outputs/compare"
+    command: str = ""  # the command line, recorded in the report
+    prompts_source: str = field(default="", init=False)
+
+    def __post_init__(self):
+        for name in ("num_images", "steps", "batch_size", "runs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.feature_space not in FEATURE_SPACE_CHOICES:
+            raise ValueError(f"feature space must be one of {FEATURE_SPACE_CHOICES}, got {self.feature_space!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("the prompt list is empty: give at least one prompt")
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _is_mini(pipeline: str | None) -> bool:
+    from ..models import MINI, asset_path
+
+    return pipeline is None or Path(pipeline).resolve() == asset_path(MINI).resolve()
+
+
+def _load(settings: CompareSettings, device):
+    from ..models import load_mini, load_pipeline
+
+    dtype = getattr(torch, settings.dtype)
+    pipe = load_mini(device, dtype) if settings.pipeline is None else load_pipeline(settings.pipeline, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Pipeline output (N, 3, H, W) in [0, 1] -> uint8, what a saved PNG holds (every metric reads these)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+class _Generator:
+    """Runs the pipeline on batches of the image list: image i has prompt i and seed + i."""
+
+    def __init__(self, pipe, prompts: list[str], settings: CompareSettings):
+        self.pipe, self.prompts, self.s = pipe, prompts, settings
+        n, bs = len(prompts), settings.batch_size
+        self.batches = [list(range(a, min(a + bs, n))) for a in range(0, n, bs)]
+
+    def kwargs(self, batch: list[int]) -> dict:
+        return dict(
+            prompt=[self.prompts[i] for i in batch],
+            num_inference_steps=self.s.steps,
+            guidance_scale=self.s.guidance,
+            # CPU generators: the same noise whatever the device, so reports agree across machines
+            generator=[torch.Generator().manual_seed(self.s.seed + i) for i in batch],
+            output_type="pt",
+        )
+
+    def call(self, batch: list[int]):
+        return lambda: self.pipe(**self.kwargs(batch)).images
+
+
+def _apply(pipe, variant: Variant, gen: _Generator):
+    if variant.method is None:
+        return None
+    import genfast
+
+    handle = genfast.accelerate(pipe, variant.method, **variant.options)
+    if getattr(handle.config, "schedule", None) == "calibrated":
+        # every process calibrates on the same (first) batch, so all of them run one schedule
+        handle.calibrate(**gen.kwargs(gen.batches[0]))
+    return handle
+
+
+def generate_variant(pipe, variant: Variant, gen: _Generator, state, runs: int, progress: bool):
+    """(uint8 images of every prompt, CallCost) on the main process; (None, None) on the others."""
+    from accelerate.utils import gather_object
+
+    handle = _apply(pipe, variant, gen)
+    try:
+        mine = gen.batches[state.process_index :: state.num_processes]
+        local = []
+        for batch in tqdm(mine, desc=f"  {variant.name}", leave=False, disable=not progress):
+            local.append((batch[0], _to_uint8(gen.call(batch)())))
+        gathered = gather_object(local) if state.num_processes > 1 else local
+        cost = None
+        if state.is_main_process:
+            # batch 0 was generated above on this process: the timed calls below are warm
+            cost, _ = measure_cost(pipe, gen.call(gen.batches[0]), runs=runs, handle=handle)
+        state.wait_for_everyone()
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not state.is_main_process:
+        return None, None
+    images = torch.cat([t for _, t in sorted(gathered, key=lambda item: item[0])])
+    return images, cost
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class _Judges:
+    """What measures quality, set up once on the main process."""
+
+    feature_space: str
+    inception_weights: str | None
+    lpips: object | None  # LPIPSMetric, or None with the reason in lpips_note
+    lpips_note: str
+    evaluator: object | None  # the attribute classifier (genfast-mini only)
+
+    @classmethod
+    def build(cls, settings: CompareSettings, feature_space: str, mini: bool):
+        from ..models import load_evaluator
+        from .lpips_metric import LPIPSMetric, lpips_available
+
+        ok, note = lpips_available("alex", settings.lpips_weights)
+        lpips = LPIPSMetric("alex", settings.lpips_weights) if ok else None
+        return cls(feature_space, settings.inception_weights, lpips, note, load_evaluator() if mini else None)
+
+
+def resolve_feature_space(settings: CompareSettings) -> str:
+    """auto -> inception when its weights are on disk, else mini-features; inception without them -> the error."""
+    from .fid import inception_weights_path
+
+    if settings.feature_space == "auto":
+        try:
+            inception_weights_path(settings.inception_weights)
+            return "inception"
+        except FileNotFoundError:
+            return "mini-features"
+    if settings.feature_space == "inception":
+        inception_weights_path(settings.inception_weights)  # raises with the fix when they are missing
+    return settings.feature_space
+
+
+def _fid(judges: _Judges, a: Path, b: Path, reference: str) -> dict:
+    from .fid import fid_folders
+
+    result = fid_folders(a, b, feature_space=judges.feature_space, inception_weights=judges.inception_weights)
+    return {**result, "reference": reference}
+
+
+def _quality(images: torch.Tensor, base: torch.Tensor, judges: _Judges, prompts: list[str]) -> dict:
+    from .faithfulness import faithfulness
+    from .prompt_accuracy import prompt_accuracy
+
+    x, ref = images.float() / 255, base.float() / 255
+    faith = faithfulness(x, ref)
+    faith["lpips"] = float(judges.lpips(x, ref).mean()) if judges.lpips is not None else None
+    acc = prompt_accuracy(x * 2 - 1, prompts, judges.evaluator) if judges.evaluator is not None else None
+    return {"faithfulness": faith, "prompt_accuracy": acc}
+
+
+def _real_images(num_images: int) -> torch.Tensor:
+    """Renders of the scenes the default evaluation prompts describe (uint8 NCHW)."""
+    from ..data.shapes import ShapesDataset
+    from .prompt_accuracy import EVAL_STYLE, HELDOUT_SEED
+
+    ds = ShapesDataset(num_images, seed=HELDOUT_SEED, style=EVAL_STYLE)
+    return torch.from_numpy(np.stack([ds.sample(i)[0] for i in range(num_images)])).permute(0, 3, 1, 2)
+
+
+def _row(variant: Variant, cost: CallCost, base_cost: CallCost, quality: dict, fids: list[dict]) -> dict:
+    return {
+        "name": variant.name,
+        "method": variant.method,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in variant.options.items()},
+        "speedup": base_cost.call_s / cost.call_s,
+        "loop_speedup": base_cost.loop_s / cost.loop_s if cost.loop_s else None,
+        "latency": cost.to_dict(),
+        "fid": fids,
+        **quality,
+    }
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+def default_prompts(n: int) -> list[str]:
+    from .prompt_accuracy import eval_prompts
+
+    return eval_prompts(n)
+
+
+def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | None:
+    """Run the comparison and write its files; the report on the main process, None on the others."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from .fid import save_images
+    from .report import write_report
+
+    if not variants:
+        raise ValueError("nothing to compare: give at least one --method")
+    # cpu=True on a machine without CUDA: only then does accelerate see processes started by
+    # `accelerate launch --multi_gpu` (torchrun) there as a multi-CPU group rather than as strangers
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    main = state.is_main_process
+    mini = _is_mini(settings.pipeline)
+    if settings.prompts is None:
+        prompts = default_prompts(settings.num_images)
+        settings.prompts_source = f"{settings.num_images} held-out genfast-mini evaluation prompts"
+    else:
+        prompts = [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]
+        settings.prompts_source = f"{len(settings.prompts)} prompt(s) from a file, cycled to {settings.num_images}"
+    # every process checks what could be wrong before any of them starts work, so none waits on a failed one
+    feature_space = resolve_feature_space(settings)
+    pipe = _load(settings, state.device)
+    judges = _Judges.build(settings, feature_space, mini) if main else None
+    gen = _Generator(pipe, prompts, settings)
+    out = Path(settings.out)
+    images, costs = {}, {}
+    for variant in tqdm([BASELINE, *variants], desc="compare", disable=not main):
+        imgs, cost = generate_variant(pipe, variant, gen, state, settings.runs, main)
+        if main:
+            images[variant], costs[variant] = imgs, cost
+            save_images(imgs, out / "images" / variant.slug)
+    if not main:
+        return None
+
+    real = None
+    if settings.prompts is None:
+        real = save_images(_real_images(settings.num_images), out / "images" / "real")
+    base_dir = out / "images" / BASELINE.slug
+    rows = []
+    for variant in tqdm([BASELINE, *variants], desc="measure"):
+        vdir = out / "images" / variant.slug
+        fids = [] if variant is BASELINE else [_fid(judges, vdir, base_dir, "baseline")]
+        if real is not None:
+            fids.append(_fid(judges, vdir, real, "real"))
+        quality = _quality(images[variant], images[BASELINE], judges, prompts)
+        rows.append(_row(variant, costs[variant], costs[BASELINE], quality, fids))
+
+    report = {
+        "command": settings.command,
+        "pipeline": settings.pipeline or "embedded genfast-mini",
+        "pipeline_class": type(pipe).__name__,
+        "prompts": settings.prompts_source,
+        "num_images": settings.num_images,
+        "image_size": list(images[BASELINE].shape[-2:]),
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "timed_runs": settings.runs,
+        "processes": state.num_processes,
+        "device": str(state.device),
+        "dtype": settings.dtype,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "feature_space": judges.feature_space,
+        "lpips": {"available": judges.lpips is not None, "note": judges.lpips_note},
+        "prompt_accuracy": "attribute classifier (genfast-mini only)" if mini else None,
+        "variants": rows,
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_report(report, images, [BASELINE, *variants], prompts, out)
+    return report
