@@ -98,6 +98,17 @@ def cmd_train_mini(args) -> int:
     return 0
 
 
+def cmd_train_heads(args) -> int:
+    from .training.heads import HeadsRecipe, train_heads
+
+    names = {"steps": "steps", "identities": "identities", "max_minutes": "max_minutes"}
+    overrides = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
+    recipe = dataclasses.replace(HeadsRecipe.tiny() if args.tiny else HeadsRecipe(), **overrides)  # re-validated
+    out = train_heads(args.out, args.work_dir, recipe)
+    print(f"genfast-heads written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genfast", description="Make generative models cheaper to run.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", type=_positive("--unet-steps"))
     t.add_argument("--tiny", action="store_true", help="a few steps of everything (smoke test)")
     t.set_defaults(func=cmd_train_mini)
+
+    h = sub.add_parser("train-heads", help="train the embedded 3D head prior on synthetic heads (CPU, <= 80 min)")
+    h.add_argument("--out", default="assets/genfast-heads", help="where the prior is written")
+    h.add_argument("--work-dir", default=".genfast-train/heads", help="rendered data and checkpoints; rerun to resume")
+    h.add_argument("--steps", type=_positive("--steps"))
+    h.add_argument("--identities", type=_positive("--identities"))
+    h.add_argument("--max-minutes", type=float, help="stop and write the prior after this long (default 75)")
+    h.add_argument("--tiny", action="store_true", help="a few steps on a few heads (smoke test)")
+    h.set_defaults(func=cmd_train_heads)
+
+    from .gan3d.cli import add_convert_eg3d_parser, add_render_parser
+
+    add_render_parser(sub)
+    add_convert_eg3d_parser(sub)
     return parser
 
 

@@ -14,6 +14,8 @@ import torch
 ASSETS = Path(os.environ.get("GENFAST_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
 MINI = "genfast-mini"
 EVALUATOR = "genfast-evaluator"
+HEADS = "genfast-heads"
+_REBUILT_BY = {MINI: "genfast train-mini", EVALUATOR: "genfast train-mini", HEADS: "genfast train-heads"}
 
 
 def asset_path(name: str) -> Path:
@@ -21,7 +23,7 @@ def asset_path(name: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(
             f"embedded model {name!r} not found at {path}. Check out the repository's assets/ folder "
-            f"(or set GENFAST_ASSETS to where it is), or rebuild it with `genfast train-mini`."
+            f"(or set GENFAST_ASSETS to where it is), or rebuild it with `{_REBUILT_BY.get(name, 'genfast train-mini')}`."
         )
     return path
 
