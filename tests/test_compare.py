@@ -221,3 +221,17 @@ def test_accelerate_launch_gives_the_same_report(tmp_path):
         assert len(files) == 4
         for f in files:
             assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(tmp_path / "2" / "images" / v / f.name)))
+
+
+def test_any_local_pipeline_folder(tmp_path):
+    from tiny_pipelines import build
+
+    build("sd").save_pretrained(tmp_path / "sd")
+    out = tmp_path / "out"
+    assert main(["compare", *SMALL, "--pipeline", str(tmp_path / "sd"), "--method", "feature_inheritance:interval=2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline_class"] == "StableDiffusionPipeline" and report["prompt_accuracy"] is None
+    assert [r["prompt_accuracy"] for r in report["variants"]] == [None, None]  # the evaluator judges shapes only
+    assert report["variants"][1]["latency"]["full_denoiser_calls"] == 3
+    assert (out / "grid.png").is_file() and (out / "pareto.png").is_file()
