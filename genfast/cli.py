@@ -99,13 +99,19 @@ def cmd_train_mini(args) -> int:
 
 
 def cmd_train_heads(args) -> int:
-    from .training.heads import HeadsRecipe, train_heads
+    from .training.heads import HeadsRecipe, train_heads, train_identity
 
     names = {"steps": "steps", "identities": "identities", "max_minutes": "max_minutes"}
     overrides = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
     recipe = dataclasses.replace(HeadsRecipe.tiny() if args.tiny else HeadsRecipe(), **overrides)  # re-validated
     out = train_heads(args.out, args.work_dir, recipe)
     print(f"genfast-heads written to {out}")
+    identity = Path(args.out).with_name("genfast-identity")
+    if identity.exists():
+        print(f"{identity} exists, skipping the identity embedding (delete it to retrain)")
+    else:
+        train_identity(args.work_dir, identity, steps=20 if args.tiny else 1500)
+        print(f"identity embedding written to {identity}")
     return 0
 
 
@@ -164,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tiny", action="store_true", help="a few steps on a few heads (smoke test)")
     h.set_defaults(func=cmd_train_heads)
 
-    from .gan3d.cli import add_convert_eg3d_parser, add_render_parser
+    from .gan3d.cli import add_convert_eg3d_parser, add_personalize_parsers, add_render_parser
 
     add_render_parser(sub)
+    add_personalize_parsers(sub)
     add_convert_eg3d_parser(sub)
     return parser
 

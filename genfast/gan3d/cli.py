@@ -48,7 +48,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     bad = [o for o in args.out if Path(o).suffix.lower() not in VIDEO_FORMATS]
     if bad:  # before minutes of rendering
         raise ValueError(f"cannot write {bad[0]}: give a file name ending in {' or '.join(VIDEO_FORMATS)}")
-    if args.checkpoint is None or (Path(args.checkpoint) / "latents.safetensors").is_file():
+    if args.adapter is not None:
+        from .personalize import load_personalized
+
+        G, photo_ws, _, _ = load_personalized(_base_generator(args.checkpoint), args.adapter)
+        train_z = None
+    elif args.checkpoint is None or (Path(args.checkpoint) / "latents.safetensors").is_file():
         from ..training.heads import load_heads_prior
 
         G, train_z = load_heads_prior(args.checkpoint)  # the embedded prior, or one from train-heads
@@ -57,7 +62,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
         G, train_z = load_generator(args.checkpoint).eval().requires_grad_(False), None
     with torch.no_grad():
-        if args.identity is not None:
+        if args.adapter is not None:
+            ws = photo_ws.mean(0, keepdim=True)  # the person's average appearance over their photos
+        elif args.identity is not None:
             if train_z is None or not 0 <= args.identity < len(train_z):
                 count = 0 if train_z is None else len(train_z)
                 raise ValueError(f"--identity {args.identity}: this generator has {count} training identities; "
@@ -76,7 +83,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 def add_render_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("render", help="render a multi-view orbit of a 3D head as .gif / .mp4")
     parser.add_argument("--checkpoint", help="a converted EG3D folder or an official .pkl (default: embedded "
-                                             "genfast-heads prior)")
+                                             "genfast-heads prior); with --adapter, the adapter's base")
+    parser.add_argument("--adapter", help="a folder written by `genfast personalize`: render that person")
     parser.add_argument("--seed", type=int, default=0, help="z ~ N(0, I) from this seed")
     parser.add_argument("--identity", type=int, help="instead of --seed: a training identity of the embedded prior")
     parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi towards the average w")
@@ -87,3 +95,85 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", action="append", required=True, help="orbit.gif or orbit.mp4 (repeat for both)")
     parser.set_defaults(func=cmd_render)
     return parser
+
+
+def _base_generator(path):
+    """The base generator: the embedded prior, or a converted folder / official pickle / train-heads folder."""
+    from pathlib import Path
+
+    if path is None or (Path(path) / "latents.safetensors").is_file():
+        from ..training.heads import load_heads_prior
+
+        return load_heads_prior(path)[0]
+    from .loader import load_generator
+
+    return load_generator(path).eval().requires_grad_(False)
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from .personalize import PersonalizeConfig, personalize
+    from .photos import load_photos, read_cameras
+
+    cfg = PersonalizeConfig(rank=args.rank, alpha=args.alpha, symmetry=args.symmetry, steps=args.steps)
+    G = _base_generator(args.base)
+    names, photos = load_photos(args.photos, resolution=G.img_resolution)  # errors name the file, before any work
+    cameras = read_cameras(args.cameras, names) if args.cameras else None
+    summary = personalize(G, names, photos, args.out, cfg, cameras=cameras)
+    print(f"wrote {args.out}: {len(names)} photos, {summary['trainable_parameters']:,} trained parameters "
+          f"({100 * summary['trainable_parameters'] / summary['generator_parameters']:.2f}% of "
+          f"{summary['generator_parameters']:,}), {summary['minutes']:.1f} min; perceptual term: "
+          f"{summary['perceptual']}")
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..eval.plots import save_image_grid
+    from .cameras import frontal_camera
+    from .personalize import load_personalized
+    from .video import write_video
+
+    G, ws, names, _ = load_personalized(_base_generator(args.base), args.adapter)
+    picks = []
+    for img in (args.img_a, args.img_b):
+        name = img.replace("\\", "/").rsplit("/", 1)[-1]
+        if name not in names:
+            raise ValueError(f"{img} is not one of the adapter's photos: {', '.join(names)}")
+        picks.append(names.index(name))
+    t = torch.linspace(0, 1, args.steps)
+    w = torch.lerp(ws[picks[0]][None], ws[picks[1]][None], t[:, None, None])  # straight lines in W, per layer
+    with torch.no_grad():
+        c = frontal_camera().float()[None].expand(len(t), -1)
+        img = G.synthesis(w, c, deterministic=True)["image"]
+    frames = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    from pathlib import Path
+
+    out = Path(args.out)
+    save_image_grid(list(frames), [f"t={float(v):.2f}" for v in t], out / "interpolation.png", columns=len(t))
+    write_video(frames, out / "interpolation.gif", fps=6, scale=4)
+    print(f"wrote {out}/interpolation.png and interpolation.gif: {args.steps} steps from {args.img_a} to {args.img_b}")
+    return 0
+
+
+def add_personalize_parsers(subparsers) -> None:
+    p = subparsers.add_parser("personalize", help="My3DGen: adapt the 3D generator to one person from ~10 photos")
+    p.add_argument("--photos", required=True, help="a folder of photos of one person (any size; read only)")
+    p.add_argument("--cameras", help="an EG3D dataset.json with each photo's 25-number camera (default: fitted)")
+    p.add_argument("--base", help="base generator: converted folder or EG3D .pkl (default: embedded genfast-heads)")
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--symmetry", action=argparse.BooleanOptionalAction, default=True,
+                   help="the mirrored-camera identity regulariser (default on)")
+    p.add_argument("--out", required=True, help="the adapter folder to write (rerun to resume)")
+    p.set_defaults(func=cmd_personalize)
+
+    i = subparsers.add_parser("interpolate", help="novel appearances between two photos of a personalized adapter")
+    i.add_argument("--adapter", required=True)
+    i.add_argument("--base", help="the base the adapter was trained on (default: embedded genfast-heads)")
+    i.add_argument("img_a", help="a photo's file name, as in the adapter's photos folder")
+    i.add_argument("img_b")
+    i.add_argument("--steps", type=int, default=8)
+    i.add_argument("--out", required=True, help="a folder for interpolation.png and interpolation.gif")
+    i.set_defaults(func=cmd_interpolate)

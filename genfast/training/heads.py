@@ -201,6 +201,18 @@ def _publish(final: Path, out_dir: Path, recipe: HeadsRecipe, minutes: float, st
             (tmp / "README.md").write_text(card_text)
 
 
+def train_identity(work_dir: str | Path = ".genfast-train/heads", out_dir: str | Path = "assets/genfast-identity",
+                   steps: int = 1500, log=print) -> Path:
+    """The identity embedding (genfast.gan3d.identity) on the prior's rendered training views."""
+    from ..gan3d.identity import save_identity_encoder, train_identity_encoder
+
+    data = Path(work_dir) / "data.pt"
+    if not data.is_file():
+        raise FileNotFoundError(f"{data} is missing: run `genfast train-heads` first (it renders the views)")
+    encoder = train_identity_encoder(torch.load(data, weights_only=True)["images"], steps=steps, log=log)
+    return save_identity_encoder(encoder, out_dir)
+
+
 def load_heads_prior(path: str | Path | None = None) -> tuple[TriPlaneGenerator, torch.Tensor]:
     """The embedded prior (or one at `path`) and its training identities' latents."""
     from safetensors.torch import load_file

@@ -1,0 +1,94 @@
+"""A person's photos for personalization: read-only loading, centre crop, and EG3D camera labels."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MIN_PHOTOS = 3
+BACKGROUND = (230, 230, 230)  # transparent pixels become the light gray the synthetic heads sit on
+
+
+def list_photos(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"photos folder {folder} does not exist (or is not a folder)")
+    photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not photos:
+        raise ValueError(f"photos folder {folder} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return photos
+
+
+def _square(image, resolution: int):
+    """Centre crop to a square, then resize (Lanczos), as EG3D's crops are square and centred."""
+    from PIL import Image
+
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
+
+
+def _rgb(image):
+    """Any PIL mode -> RGB; alpha is composited over the background rather than dropped to black."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_photos(folder: str | os.PathLike, resolution: int = 64,
+                min_photos: int = MIN_PHOTOS) -> tuple[list[str], torch.Tensor]:
+    """(file names, images (N, 3, R, R) float in [0, 1]); the folder is only read, never written."""
+    from PIL import Image, UnidentifiedImageError
+
+    paths = list_photos(folder)
+    if len(paths) < min_photos:
+        raise ValueError(f"photos folder {folder} has {len(paths)} image(s); personalization needs at least "
+                         f"{min_photos} photos of the person (about 10 works best)")
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(np.asarray(_square(_rgb(im), resolution), dtype=np.float32) / 255)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise ValueError(f"cannot read photo {path}: {err}. Remove it or replace it with a PNG/JPEG") from err
+    return [p.name for p in paths], torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def read_cameras(path: str | os.PathLike, names: list[str]) -> torch.Tensor:
+    """(N, 25) cameras for `names` from an EG3D dataset.json: {"labels": [[file name, [25 numbers]], ...]}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cameras file {path} does not exist")
+    try:
+        labels = json.loads(path.read_text())["labels"]
+        table = {Path(name).name: [float(x) for x in values] for name, values in labels}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not an EG3D dataset.json ({{\"labels\": [[name, [25 numbers]], ...]}}): "
+                         f"{err}") from err
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"{path} has no camera for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    bad = [n for n in names if len(table[n]) != 25]
+    if bad:
+        raise ValueError(f"{path}: the camera of {bad[0]} has {len(table[bad[0]])} numbers, not 25 "
+                         f"(16 of cam2world, 9 of normalised intrinsics)")
+    return torch.tensor([table[n] for n in names], dtype=torch.float32)
+
+
+def write_cameras(path: str | os.PathLike, names: list[str], cameras: torch.Tensor) -> None:
+    """The inverse of read_cameras (what `genfast personalize` writes for the cameras it fitted)."""
+    from ..io import atomic_write_text
+
+    labels = [[n, [round(float(x), 6) for x in c]] for n, c in zip(names, cameras, strict=True)]
+    atomic_write_text(path, json.dumps({"labels": labels}, indent=1) + "\n")
