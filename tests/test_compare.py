@@ -167,10 +167,12 @@ def test_prompts_file_is_cycled(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue star\n")
     out = tmp_path / "out"
-    assert main(["compare", *SMALL, "--prompts", str(prompts), "--method", "feature_inheritance:interval=3",
-                 "--out", str(out)]) == 0
+    assert main(["compare", *SMALL, "--prompts", str(prompts), "--method",
+                 "feature_inheritance:schedule=calibrated:interval=3", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["prompts"] == "2 prompt(s) from a file, cycled to 4"
+    # calibrated on the first batch before anything is generated or timed: 2 full calls of 6 in every timed run
+    assert report["variants"][1]["latency"]["full_denoiser_calls"] == 2
     assert not (out / "images" / "real").exists()  # no real images for prompts of the user's
     assert all(f["reference"] == "baseline" for f in report["variants"][1]["fid"])
 

@@ -104,24 +104,23 @@ class _Generator:
         return lambda: self.pipe(**self.kwargs(batch)).images
 
 
-def _apply(pipe, variant: Variant, gen: _Generator):
+def _apply(pipe, variant: Variant):
     if variant.method is None:
         return None
     import genfast
 
-    handle = genfast.accelerate(pipe, variant.method, **variant.options)
-    if getattr(handle.config, "schedule", None) == "calibrated":
-        # every process calibrates on the same (first) batch, so all of them run one schedule
-        handle.calibrate(**gen.kwargs(gen.batches[0]))
-    return handle
+    return genfast.accelerate(pipe, variant.method, **variant.options)
 
 
 def generate_variant(pipe, variant: Variant, gen: _Generator, state, runs: int, progress: bool):
     """(uint8 images of every prompt, CallCost) on the main process; (None, None) on the others."""
     from accelerate.utils import gather_object
 
-    handle = _apply(pipe, variant, gen)
+    handle = _apply(pipe, variant)
     try:
+        if getattr(handle, "config", None) is not None and getattr(handle.config, "schedule", None) == "calibrated":
+            # every process calibrates on the same (first) batch, so all of them run one schedule
+            handle.calibrate(**gen.kwargs(gen.batches[0]))
         mine = gen.batches[state.process_index :: state.num_processes]
         local = []
         for batch in tqdm(mine, desc=f"  {variant.name}", leave=False, disable=not progress):
