@@ -95,6 +95,17 @@ def main(argv=None) -> int:
         print(f"  {name:<38}" + "".join(f"{c['psnr']:>7.2f}/{c['ssim']:.3f}" for c in cells)
               + f"{mean_psnr:>7.2f}/{mean_ssim:.3f}")
     novel = [c["psnr"] for k, c in enumerate(rows["inverted from one frontal view"]) if k != frontal]
+    # the identity embedding (assets/genfast-identity) that personalization's symmetry term uses
+    from genfast.gan3d.identity import load_identity_encoder
+
+    encoder = load_identity_encoder()
+    with torch.no_grad():
+        emb = encoder(held_out.flatten(0, 1) * 2 - 1).view(len(ids), len(YAWS), -1)
+    sims = torch.einsum("ivd,jwd->ijvw", emb, emb)
+    same = torch.eye(len(ids), dtype=torch.bool)[:, :, None, None].expand_as(sims)
+    off = ~torch.eye(len(YAWS), dtype=torch.bool).expand_as(sims)
+    print(f"  identity embedding on held-out heads across yaws: cos same identity {sims[same & off].mean():.3f}, "
+          f"different identities {sims[~same].mean():.3f}")
     print(f"\n  novel-view PSNR of held-out heads inverted from one frontal view: {sum(novel) / len(novel):.2f} dB "
           f"(mean over the {len(novel)} non-frontal yaws; the frontal one is the fitted view)")
     if args.figure:

@@ -110,7 +110,7 @@ def cmd_train_heads(args) -> int:
     if identity.exists():
         print(f"{identity} exists, skipping the identity embedding (delete it to retrain)")
     else:
-        train_identity(args.work_dir, identity, steps=20 if args.tiny else 1500)
+        train_identity(args.work_dir, identity, steps=20 if args.tiny else 600)
         print(f"identity embedding written to {identity}")
     return 0
 

@@ -53,11 +53,10 @@ def test_identity_determinism_and_variety():
 
 def test_mirrored_camera_gives_flipped_image():
     cams = sample_cameras(3, torch.Generator().manual_seed(1))
-    for index in (0, 3):
-        p = sample_identity(0, index)
-        img = render_head(p, cams, RES)
-        mirrored = render_head(p, flip_yaw(cams), RES).flip(-1)
-        torch.testing.assert_close(mirrored, img, atol=1e-5, rtol=0)
+    p = sample_identity(0, 3)
+    img = render_head(p, cams, RES)
+    mirrored = render_head(p, flip_yaw(cams), RES).flip(-1)
+    torch.testing.assert_close(mirrored, img, atol=1e-5, rtol=0)
     p = sample_identity(0, 3, asymmetry=1.0)
     diff = (render_head(p, flip_yaw(cams), RES).flip(-1) - render_head(p, cams, RES)).abs()
     assert diff.max() > 0.2 and diff.mean() > 2e-3

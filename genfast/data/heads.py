@@ -7,14 +7,16 @@ identity) and for testing 3D personalization. Every identity is a pure function 
 Scene conventions (EG3D's FFHQ world, see :mod:`genfast.gan3d.cameras`):
 
 * world **+y is up** (image-up), the face looks towards **+z**, the subject's left is **+x**;
-  the head is centred near the origin: skull centre ~(0, 0.07, -0.04), about 0.36-0.42 wide,
-  chin at y ~ -0.23, nose tip at z ~ 0.28, neck down to y = -0.6. At radius 2.7 with the FFHQ
+  the head is centred near the origin: skull centre ~(0, 0.07, -0.04), 0.34-0.42 wide,
+  chin at y ~ -0.23, nose tip at z ~ 0.25, neck down to y = -0.6. At radius 2.7 with the FFHQ
   focal 4.2647 the image spans ~0.63 units at the origin, so the head fills the frame like an
   FFHQ crop; everything lies inside EG3D's [-0.5, 0.5]^3 tri-plane box except the neck's end.
 * cameras: EG3D ``LookAtPoseSampler`` on the radius-2.7 sphere looking at (0, 0, 0.2) (the FFHQ
   ``avg_camera_pivot``); yaw pi/2 + offset (offset > 0 shows the subject's left cheek), pitch
   pi/2 + offset (offset < 0 looks down on the head).
-* shading: per-part albedo (skin, eye white / iris / pupil, lips, hair, brows) times a
+* parts: skull + jaw, neck, nose, ears, eyes (white, iris, pupil) with lids, brows, lips, hair in
+  7 styles (HAIR_STYLES), optional mustache or beard and glasses; per-identity sizes and colours.
+* shading: per-part albedo (skin, eye white / iris / pupil, lips, hair, brows, glasses) times a
   view-independent Lambertian term: ambient 0.32 + sky 0.12 * n_y + key light 0.62 from the
   front-top direction (0, 0.5, 1). The lighting is fixed in the world (so views are
   3D-consistent, as EG3D's view-independent radiance assumes) and mirror-symmetric.
@@ -142,8 +144,9 @@ class HeadParams:
     asymmetry: float = 0.0
     # unit-scale asymmetry directions, multiplied by ``asymmetry`` (drawn per identity)
     asym: dict = field(
-        default_factory=lambda: dict(eye_dy=0.0, eye_dr=0.0, ear=0.0, brow=0.0, part=0.0, mouth_dx=0.0, nose_dx=0.0,
-                                     mole_side=1.0, mole_y=0.0)
+        default_factory=lambda: dict(
+            eye_dy=0.0, eye_dr=0.0, ear=0.0, brow=0.0, part=0.0, mouth_dx=0.0, nose_dx=0.0, mole_side=1.0, mole_y=0.0
+        )
     )
 
     def to_dict(self) -> dict:
@@ -306,8 +309,9 @@ class _Head:
         skin = _ellipsoid(x, y - _CY, z - _CZ, self.w, self.h, self.d)
         face = _ellipsoid(x, y - self.fcy, z - self.fcz, self.frx, self.fry, self.frz)
         skin = _smin(skin, face, 0.05)
-        neck = torch.maximum(_capsule(x, y, z, (0.0, -0.1, -0.07), (0.0, _NECK_BOTTOM - 0.1, -0.07), p.neck_width),
-                             _NECK_BOTTOM - y)
+        neck = torch.maximum(
+            _capsule(x, y, z, (0.0, -0.1, -0.07), (0.0, _NECK_BOTTOM - 0.1, -0.07), p.neck_width), _NECK_BOTTOM - y
+        )
         skin = _smin(skin, neck, 0.05)
         ntx = self.nose_tip[0] + s.get("nose_dx", 0.0)
         nose = _capsule(x, y, z, self.nose_top, (ntx, self.nose_tip[1], self.nose_tip[2]), 0.011, p.nose_width * 0.55)
@@ -351,8 +355,9 @@ class _Head:
             ring = torch.sqrt((ax - ex) ** 2 + (y - ey) ** 2)
             glasses = torch.sqrt((ring - ring_r) ** 2 + (z - gz) ** 2) - 0.0055
             bridge = _capsule(ax, y, z, (0.0, ey + 0.3 * ring_r, gz), (ex - ring_r, ey + 0.3 * ring_r, gz), 0.005)
-            arm = _capsule(ax, y, z, (ex + ring_r, ey + 0.2 * ring_r, gz - 0.004), (self.ear[0] + 0.012, ey, -0.04),
-                           0.0045)
+            arm = _capsule(
+                ax, y, z, (ex + ring_r, ey + 0.2 * ring_r, gz - 0.004), (self.ear[0] + 0.012, ey, -0.04), 0.0045
+            )
             glasses = torch.minimum(glasses, torch.minimum(bridge, arm))
         return skin, lips, eyes, hair, brows, glasses, eye_dist
 

@@ -46,7 +46,7 @@ def identity_similarity(encoder: IdentityEncoder, a: torch.Tensor, b: torch.Tens
     return (encoder(a) * encoder(b)).sum(-1)
 
 
-def train_identity_encoder(images: torch.Tensor, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
+def train_identity_encoder(images: torch.Tensor, steps: int = 600, batch_size: int = 64, lr: float = 2e-3,
                            margin: float = 0.2, scale: float = 16.0, seed: int = 0, log=print) -> IdentityEncoder:
     """Train on uint8 views (identities, views, 3, H, W): a cosine-margin classifier over the identities.
 
@@ -88,6 +88,7 @@ def save_identity_encoder(encoder: IdentityEncoder, path: str | os.PathLike) -> 
     with atomic_dir(path) as tmp:
         save_file(encoder.state_dict(), str(tmp / "model.safetensors"),
                   metadata={"width": str(encoder.width), "dim": str(encoder.dim)})
+        (tmp / "model.safetensors").chmod(0o644)  # safetensors writes owner-only files
     return Path(path)
 
 

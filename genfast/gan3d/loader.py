@@ -420,6 +420,7 @@ def save_converted(G: TriPlaneGenerator, out_dir: str | Path) -> Path:
     config = G.config()
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "genfast": "eg3d-triplane"})
+        (tmp / WEIGHTS_NAME).chmod(0o644)  # safetensors writes owner-only files
         (tmp / CONFIG_NAME).write_text(config.to_json() + "\n")
     return out_dir
 

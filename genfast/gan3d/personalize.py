@@ -49,8 +49,9 @@ class PersonalizeConfig:
     identity_weight: float = 0.1  # the offline stand-in for LPIPS
     invert_steps: int = 150
     invert_lr: float = 0.05
-    camera_steps: int = 80
-    camera_starts: tuple[float, ...] = (-0.6, -0.3, 0.0, 0.3, 0.6)  # starting yaws for camera fitting
+    camera_steps: int = 40
+    camera_starts: tuple[float, ...] = (-0.5, 0.0, 0.5)  # starting yaws for camera fitting
+    camera_resolution: int = 16  # camera fitting compares coarse renders: 4x fewer rays than 32x32
     ckpt_every: int = 100
     seed: int = 0
 
@@ -86,8 +87,10 @@ def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool
     target = targets.repeat_interleave(k, 0)
     opt = torch.optim.Adam([{"params": [w], "lr": cfg.invert_lr}, {"params": [yaw, pitch], "lr": 0.02}])
     for _ in tqdm(range(cfg.camera_steps), desc="fit cameras", disable=not progress):
-        out = _render(G, w[:, None].expand(-1, G.num_ws, -1), _cameras(yaw, pitch, n * k).float())
-        per_image = (out["image"] - target).pow(2).mean((1, 2, 3))
+        out = G.synthesis(w[:, None].expand(-1, G.num_ws, -1), _cameras(yaw, pitch, n * k).float(),
+                          neural_rendering_resolution=cfg.camera_resolution, deterministic=True)
+        small = F.interpolate(target, size=out["image_raw"].shape[-2:], mode="area")
+        per_image = (out["image_raw"] - small).pow(2).mean((1, 2, 3))  # pose is a coarse matter
         opt.zero_grad(set_to_none=True)
         per_image.sum().backward()
         opt.step()

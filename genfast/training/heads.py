@@ -193,8 +193,8 @@ def _publish(final: Path, out_dir: Path, recipe: HeadsRecipe, minutes: float, st
     card_text = card.read_text() if card.is_file() else None
     with atomic_dir(out_dir) as tmp:
         for f in (final / "model").iterdir():
-            shutil.copy2(f, tmp / f.name)
-        shutil.copy2(final / LATENTS_NAME, tmp / LATENTS_NAME)
+            shutil.copyfile(f, tmp / f.name)  # not copy2: keep the usual file mode, not the temp files' 0600
+        shutil.copyfile(final / LATENTS_NAME, tmp / LATENTS_NAME)
         (tmp / "training.json").write_text(json.dumps(
             {"recipe": asdict(recipe), "steps_done": steps_done, "minutes_this_run": round(minutes, 1)}, indent=2) + "\n")
         if card_text is not None:
@@ -202,7 +202,7 @@ def _publish(final: Path, out_dir: Path, recipe: HeadsRecipe, minutes: float, st
 
 
 def train_identity(work_dir: str | Path = ".genfast-train/heads", out_dir: str | Path = "assets/genfast-identity",
-                   steps: int = 1500, log=print) -> Path:
+                   steps: int = 600, log=print) -> Path:
     """The identity embedding (genfast.gan3d.identity) on the prior's rendered training views."""
     from ..gan3d.identity import save_identity_encoder, train_identity_encoder
 
