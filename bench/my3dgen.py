@@ -24,7 +24,7 @@ import torch
 from genfast.data.heads import render_head, render_views, sample_identity
 from genfast.eval.faithfulness import faithfulness
 from genfast.gan3d.cameras import ffhq_intrinsics, sample_cameras
-from genfast.gan3d.identity import load_identity_encoder
+from genfast.gan3d.identity import identity_similarity, load_identity_encoder
 from genfast.gan3d.personalize import PersonalizeConfig, invert, personalize
 from genfast.training.heads import load_heads_prior
 
@@ -45,7 +45,7 @@ def evaluate(G, ws, novel, novel_cams, identity) -> dict:
     w = ws.mean(0, keepdim=True).expand(len(novel_cams), -1, -1)
     pred = (G.synthesis(w, novel_cams, deterministic=True)["image"].clamp(-1, 1) + 1) / 2
     prof = [k for k, y in enumerate(NOVEL_YAWS) if abs(y) >= PROFILE]
-    sim = (identity(pred * 2 - 1) * identity(novel * 2 - 1)).sum(-1)
+    sim = identity_similarity(identity, pred * 2 - 1, novel * 2 - 1)
     return {**faithfulness(pred, novel), "identity": float(sim.mean()),
             "profile_psnr": faithfulness(pred[prof], novel[prof])["psnr"]}
 

@@ -15,7 +15,9 @@ ASSETS = Path(os.environ.get("GENFAST_ASSETS", Path(__file__).resolve().parent.p
 MINI = "genfast-mini"
 EVALUATOR = "genfast-evaluator"
 HEADS = "genfast-heads"
-_REBUILT_BY = {MINI: "genfast train-mini", EVALUATOR: "genfast train-mini", HEADS: "genfast train-heads"}
+IDENTITY = "genfast-identity"
+_REBUILT_BY = {MINI: "genfast train-mini", EVALUATOR: "genfast train-mini", HEADS: "genfast train-heads",
+               IDENTITY: "genfast train-heads"}
 
 
 def asset_path(name: str) -> Path:

@@ -48,19 +48,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     bad = [o for o in args.out if Path(o).suffix.lower() not in VIDEO_FORMATS]
     if bad:  # before minutes of rendering
         raise ValueError(f"cannot write {bad[0]}: give a file name ending in {' or '.join(VIDEO_FORMATS)}")
+    G, train_z = _base_generator(args.checkpoint)
     if args.adapter is not None:
         from .personalize import load_personalized
 
-        G, photo_ws, _, _ = load_personalized(_base_generator(args.checkpoint), args.adapter)
-        train_z = None
-    elif args.checkpoint is None or (Path(args.checkpoint) / "latents.safetensors").is_file():
-        from ..training.heads import load_heads_prior
-
-        G, train_z = load_heads_prior(args.checkpoint)  # the embedded prior, or one from train-heads
-    else:
-        from .loader import load_generator
-
-        G, train_z = load_generator(args.checkpoint).eval().requires_grad_(False), None
+        G, photo_ws, _, _ = load_personalized(G, args.adapter)
     with torch.no_grad():
         if args.adapter is not None:
             ws = photo_ws.mean(0, keepdim=True)  # the person's average appearance over their photos
@@ -98,16 +90,17 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _base_generator(path):
-    """The base generator: the embedded prior, or a converted folder / official pickle / train-heads folder."""
+    """(generator, training latents or None): the embedded prior or a train-heads folder (with its
+    identities' latents), or a converted folder / official pickle (without)."""
     from pathlib import Path
 
     if path is None or (Path(path) / "latents.safetensors").is_file():
         from ..training.heads import load_heads_prior
 
-        return load_heads_prior(path)[0]
+        return load_heads_prior(path)
     from .loader import load_generator
 
-    return load_generator(path).eval().requires_grad_(False)
+    return load_generator(path).eval().requires_grad_(False), None
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
@@ -115,7 +108,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     from .photos import load_photos, read_cameras
 
     cfg = PersonalizeConfig(rank=args.rank, alpha=args.alpha, symmetry=args.symmetry, steps=args.steps)
-    G = _base_generator(args.base)
+    G, _ = _base_generator(args.base)
     names, photos = load_photos(args.photos, resolution=G.img_resolution)  # errors name the file, before any work
     cameras = read_cameras(args.cameras, names) if args.cameras else None
     summary = personalize(G, names, photos, args.out, cfg, cameras=cameras)
@@ -132,9 +125,9 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from ..eval.plots import save_image_grid
     from .cameras import frontal_camera
     from .personalize import load_personalized
-    from .video import write_video
+    from .video import to_frames, write_video
 
-    G, ws, names, _ = load_personalized(_base_generator(args.base), args.adapter)
+    G, ws, names, _ = load_personalized(_base_generator(args.base)[0], args.adapter)
     picks = []
     for img in (args.img_a, args.img_b):
         name = img.replace("\\", "/").rsplit("/", 1)[-1]
@@ -146,7 +139,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     with torch.no_grad():
         c = frontal_camera().float()[None].expand(len(t), -1)
         img = G.synthesis(w, c, deterministic=True)["image"]
-    frames = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    frames = to_frames(img)
     from pathlib import Path
 
     out = Path(args.out)

@@ -97,9 +97,9 @@ def load_identity_encoder(path: str | os.PathLike | None = None) -> IdentityEnco
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..models import asset_path
+    from ..models import IDENTITY, asset_path
 
-    path = Path(path) if path is not None else asset_path("genfast-identity")
+    path = Path(path) if path is not None else asset_path(IDENTITY)
     file = path / "model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing; train the identity embedding with `genfast train-heads`")

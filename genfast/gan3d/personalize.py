@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_dir
 from .cameras import camera_vector, ffhq_intrinsics, flip_yaw, lookat_pose, sample_cameras
+from .identity import identity_similarity
 
 LORA_DIR = "lora"
 LATENTS = "latents.safetensors"
@@ -128,7 +129,7 @@ class _Perceptual:
         if self.lpips is not None:
             raw_target = F.interpolate(target, size=out["image_raw"].shape[-2:], mode="area")
             return self.lpips(out["image"], target).mean() + self.lpips(out["image_raw"], raw_target).mean()
-        return self.weight * (1 - (self.identity(out["image"]) * self.identity(target)).sum(-1)).mean()
+        return self.weight * (1 - identity_similarity(self.identity, out["image"], target)).mean()
 
 
 def symmetry_loss(G, ws, identity, generator: torch.Generator) -> torch.Tensor:
@@ -136,7 +137,7 @@ def symmetry_loss(G, ws, identity, generator: torch.Generator) -> torch.Tensor:
     cams = sample_cameras(len(ws), generator, intrinsics=ffhq_intrinsics())
     both = _render(G, torch.cat([ws, ws]), torch.cat([cams, flip_yaw(cams)]))["image"]
     a, b = both.chunk(2)
-    return (1 - (identity(a) * identity(b.flip(-1))).sum(-1)).mean()
+    return (1 - identity_similarity(identity, a, b.flip(-1))).mean()
 
 
 def _trainable(G, cfg: PersonalizeConfig):

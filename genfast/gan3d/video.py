@@ -29,8 +29,13 @@ def render_orbit(G, ws: torch.Tensor, frames: int = 48, yaw_range: float = 0.6, 
     for i in tqdm(range(0, frames, batch), desc="render orbit", disable=not progress):
         c = cams[i : i + batch]
         img = G.synthesis(ws.expand(len(c), -1, -1), c, deterministic=True)["image"]
-        out.append(((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out).numpy()
+        out.append(to_frames(img))
+    return np.concatenate(out)
+
+
+def to_frames(images: torch.Tensor) -> np.ndarray:
+    """Generator output (N, 3, H, W) in [-1, 1] -> uint8 frames (N, H, W, 3)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def mapping_camera(batch: int = 1) -> torch.Tensor:
