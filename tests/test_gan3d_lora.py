@@ -117,6 +117,31 @@ def test_shapes_follow_my3dgen_layout():
         lora.add_lora(small_generator(0), targets=("mapping",))
 
 
+def test_loralib_layout_shapes_identity_and_roundtrip(base, tmp_path):
+    """My3DGen's other conv layout (original_conv_lora=True, loralib's ConvLoRA): A (r*k, I*k), B (O*k, r*k)."""
+    _, ws, c, ref, _ = base
+    G = small_generator(0)
+    state = lora.add_lora(G, rank=2, conv_layout="loralib")
+    assert state.conv_layout == "loralib"
+    assert same(render(G, ws, c), ref)  # B = 0: still the base, bit for bit
+    sd = lora.lora_state_dict(G)
+    o, i, k, _ = G.backbone.synthesis.b8.conv0.parametrizations.weight.original.shape
+    assert sd["backbone.synthesis.b8.conv0.lora_A"].shape == (2 * k, i * k)
+    assert sd["backbone.synthesis.b8.conv0.lora_B"].shape == (o * k, 2 * k)
+    rgb = G.backbone.synthesis.b8.torgb.parametrizations.weight.original  # 1x1: both layouts coincide
+    assert sd["backbone.synthesis.b8.torgb.lora_A"].shape == (2, rgb.shape[1])
+    train(G, ws, c)
+    adapted = render(G, ws, c)
+    assert not same(adapted, ref)
+    path = lora.save_adapter(G, tmp_path / "adapter")
+    assert json.loads((path / lora.ADAPTER_CONFIG).read_text())["conv_layout"] == "loralib"
+    G2 = small_generator(0)
+    assert lora.load_adapter(G2, path).conv_layout == "loralib"
+    assert same(render(G2, ws, c), adapted)
+    with pytest.raises(ValueError, match="conv_layout must be one of my3dgen, loralib"):
+        lora.add_lora(small_generator(0), conv_layout="lokr")
+
+
 def test_affine_update_is_not_scaled_by_weight_gain():
     """y = base(x) + x @ A^T @ B^T * alpha / r, as My3DGen's FullyConnectedLayerWrapper."""
     G = small_generator(0)
@@ -227,10 +252,10 @@ def test_load_lora_state_dict_is_strict():
         lora.load_lora_state_dict(G, {**sd, key: torch.zeros(1)})
 
 
-def ffhq512_with_lora(rank: int, train_biases: bool = False):
+def ffhq512_with_lora(rank: int, train_biases: bool = False, conv_layout: str = "my3dgen"):
     with torch.device("meta"):
         G = build_generator(eg3d_ffhq512_config())
-        state = lora.add_lora(G, rank=rank, train_biases=train_biases)
+        state = lora.add_lora(G, rank=rank, train_biases=train_biases, conv_layout=conv_layout)
     return G, state
 
 
@@ -256,3 +281,32 @@ def test_ffhq512_adapter_size_matches_my3dgen():
         n = lora.count_lora_parameters(G)
         assert n == rank * MY3DGEN_LORA_R1  # every factor is linear in r (conv inner rank r*k)
         assert n == MY3DGEN_TRAINABLE[rank] - MY3DGEN_IMPLICIT
+
+
+def test_adapter_share_of_each_generator():
+    """The issue's bound (<= 2% of G, >= 50x fewer than full fine-tuning) per generator and layout.
+
+    A 3x3 conv's my3dgen-layout adapter costs r*k/O + r/(I*k^2) of its weights: 0.6% at FFHQ-512's 512
+    channels, 2.6% at the embedded prior's 128. The loralib layout, r*k^2*(I + O), brings the narrow
+    prior under the bound; at FFHQ-512 both layouts are far under it.
+    """
+    def shares(G):  # G.parameters() includes the adapters: count the base without them
+        n = lora.count_lora_parameters(G)
+        total = sum(p.numel() for p in G.parameters()) - n
+        full = sum(p.numel() for part in (G.backbone.synthesis, G.superresolution) for p in part.parameters()) - n
+        return n, total, full
+
+    n, total, full = shares(ffhq512_with_lora(1)[0])
+    assert (n, total) == (MY3DGEN_LORA_R1, 30_662_136) and n <= 0.02 * total and full / n >= 50
+    n, total, full = shares(ffhq512_with_lora(1, conv_layout="loralib")[0])
+    assert n == 140_262 and full / n >= 50
+
+    from genfast.training.heads import heads_prior_config
+
+    for layout, expected, fits in (("my3dgen", 43_190, False), ("loralib", 27_734, True)):
+        with torch.device("meta"):
+            G = build_generator(heads_prior_config())
+            lora.add_lora(G, rank=1, conv_layout=layout)
+        n, total, full = shares(G)
+        assert (n, total, full) == (expected, 1_551_556, 1_497_715)
+        assert (n <= 0.02 * total and full / n >= 50) == fits, (layout, n / total, full / n)

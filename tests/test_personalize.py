@@ -104,7 +104,7 @@ def test_cli_personalize_render_interpolate(setup, tmp_path, capsys, monkeypatch
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
     out = tmp_path / "me"
     assert main(["personalize", "--photos", str(photos), "--base", str(tmp_path / "base"), "--steps", "2",
-                 "--no-symmetry", "--out", str(out)]) == 0
+                 "--invert-steps", "3", "--no-symmetry", "--out", str(out)]) == 0
     assert "3 photos" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # the photos are never modified
     assert main(["render", "--checkpoint", str(tmp_path / "base"), "--adapter", str(out), "--frames", "2",
@@ -114,9 +114,70 @@ def test_cli_personalize_render_interpolate(setup, tmp_path, capsys, monkeypatch
     assert (tmp_path / "interp" / "interpolation.png").is_file()
     assert main(["interpolate", "--base", str(tmp_path / "base"), "--adapter", str(out), "0.png", "9.png",
                  "--out", str(tmp_path / "x")]) == 2
-    assert "9.png is not one of the adapter's photos" in capsys.readouterr().err
+    assert "9.png is neither one of the adapter's photos (0.png, 1.png, 2.png) nor an image file" in (
+        capsys.readouterr().err)
     few = tmp_path / "few"
     few.mkdir()
     Image.new("RGB", (8, 8)).save(few / "a.png")
     assert main(["personalize", "--photos", str(few), "--base", str(tmp_path / "base"), "--out", str(out)]) == 2
     assert "at least 3 photos" in capsys.readouterr().err
+
+
+def test_interpolate_fits_a_new_photo(setup, tmp_path):
+    """An image that is not one of the adapter's photos gets its camera and latent fitted first."""
+    from genfast.gan3d.cli import _photo_latent
+    from genfast.gan3d.photos import load_photo
+
+    root, base, identity, photos, cams = setup
+    names, images = load_photos(photos)
+    G = copy.deepcopy(base)
+    personalize(G, names, images, root / "interp", FAST, cameras=cams, identity=identity, progress=False)
+    G, ws, names, _ = load_personalized(copy.deepcopy(base), root / "interp")
+    G.requires_grad_(False)
+    assert torch.equal(_photo_latent(G, str(photos / "1.png"), ws, names, 5), ws[1:2])  # stored: no fitting
+    new = tmp_path / "new.jpg"
+    image, cam = render_views(sample_identity(1, 0), torch.tensor([0.2]), 0.1, 64)
+    Image.fromarray((image[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(new)
+    w = _photo_latent(G, str(new), ws, names, 20)
+    assert w.shape == ws[:1].shape
+    target = load_photo(new, 64)[None] * 2 - 1
+    with torch.no_grad():
+        fitted = G.synthesis(w, cam.float(), deterministic=True)["image"]
+        start = G.synthesis(G.backbone.mapping.w_avg[None, None].expand_as(w), cam.float(), deterministic=True)
+    assert (fitted - target).square().mean() < (start["image"] - target).square().mean()
+
+
+def test_cli_personalize_with_arcface_weights(setup, tmp_path, capsys):
+    """--arcface PTH puts ArcFace IR-SE50 behind the symmetry term; a missing file stops before any work."""
+    from genfast.gan3d.arcface import ArcFaceIRSE50
+
+    _, base, _, photos, _ = setup
+    save_converted(base, tmp_path / "base")
+    torch.manual_seed(3)
+    torch.save(ArcFaceIRSE50().state_dict(), tmp_path / "model_ir_se50.pth")  # random: plumbing only
+    out = tmp_path / "me"
+    assert main(["personalize", "--photos", str(photos), "--base", str(tmp_path / "base"), "--steps", "1",
+                 "--invert-steps", "2", "--arcface", str(tmp_path / "model_ir_se50.pth"), "--out", str(out)]) == 0
+    assert "symmetry identity network: ArcFace IR-SE50" in capsys.readouterr().out
+    assert main(["personalize", "--photos", str(photos), "--base", str(tmp_path / "base"),
+                 "--arcface", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.pth" in capsys.readouterr().err and not (tmp_path / "x.work").exists()
+
+
+@pytest.mark.parametrize("space", ["w", "w+"])
+def test_inversion_in_w_and_w_plus(setup, space):
+    from genfast.gan3d.personalize import _recon, invert
+
+    _, base, _, photos, cams = setup
+    _, images = load_photos(photos)
+    targets = images * 2 - 1
+    cfg = dataclasses.replace(FAST, invert_steps=6, latent_space=space)
+    ws = invert(base, targets, cams, cfg, progress=False)
+    assert ws.shape == (3, base.num_ws, base.backbone.mapping.w_avg.shape[0])
+    assert torch.equal(ws[:, :1].expand_as(ws), ws) == (space == "w")  # W: every layer shares one w
+    with torch.no_grad():
+        start = base.backbone.mapping.w_avg[None, None].expand_as(ws)
+        fitted = _recon(base.synthesis(ws, cams, deterministic=True), targets)
+        assert fitted < _recon(base.synthesis(start, cams, deterministic=True), targets)
+    with pytest.raises(ValueError, match="latent_space must be one of w, w\\+"):
+        PersonalizeConfig(latent_space="z")

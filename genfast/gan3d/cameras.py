@@ -93,9 +93,10 @@ def lookat_pose(
     clamped to (1e-5, pi - 1e-5) as in EG3D. Computed in float64, returned as ``dtype``.
     """
     yaw = _as_tensor(yaw)
-    pitch = _as_tensor(pitch).clamp(1e-5, math.pi - 1e-5)
-    radius = _as_tensor(radius)
-    lookat = _as_tensor(lookat)
+    device = yaw.device  # the pose follows the yaw's device (python floats and lists: the CPU)
+    pitch = _as_tensor(pitch).to(device).clamp(1e-5, math.pi - 1e-5)
+    radius = _as_tensor(radius).to(device)
+    lookat = _as_tensor(lookat).to(device)
     shape = torch.broadcast_shapes(yaw.shape, pitch.shape, radius.shape, lookat.shape[:-1])
     yaw, pitch, radius = (t.expand(shape) for t in (yaw, pitch, radius))
     lookat = lookat.expand(*shape, 3)
@@ -115,7 +116,7 @@ def lookat_pose(
     right = -_normalize(torch.cross(world_up, forward, dim=-1))
     up = _normalize(torch.cross(forward, right, dim=-1))
 
-    pose = torch.zeros(*shape, 4, 4, dtype=torch.float64)
+    pose = torch.zeros(*shape, 4, 4, dtype=torch.float64, device=device)
     pose[..., :3, 0] = right
     pose[..., :3, 1] = up
     pose[..., :3, 2] = forward

@@ -107,19 +107,47 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     from .personalize import PersonalizeConfig, personalize
     from .photos import load_photos, read_cameras
 
-    cfg = PersonalizeConfig(rank=args.rank, alpha=args.alpha, symmetry=args.symmetry, steps=args.steps)
+    cfg = PersonalizeConfig(rank=args.rank, alpha=args.alpha, symmetry=args.symmetry, steps=args.steps,
+                            conv_layout=args.conv_layout, invert_steps=args.invert_steps,
+                            latent_space=args.latent_space)
     G, _ = _base_generator(args.base)
     names, photos = load_photos(args.photos, resolution=G.img_resolution)  # errors name the file, before any work
+    G = G.to(args.device)
     cameras = read_cameras(args.cameras, names) if args.cameras else None
-    summary = personalize(G, names, photos, args.out, cfg, cameras=cameras)
+    identity = None
+    if args.arcface:
+        from .arcface import load_arcface
+
+        identity = load_arcface(args.arcface)
+    summary = personalize(G, names, photos, args.out, cfg, cameras=cameras, identity=identity)
     print(f"wrote {args.out}: {len(names)} photos, {summary['trainable_parameters']:,} trained parameters "
           f"({100 * summary['trainable_parameters'] / summary['generator_parameters']:.2f}% of "
           f"{summary['generator_parameters']:,}), {summary['minutes']:.1f} min; perceptual term: "
-          f"{summary['perceptual']}")
+          f"{summary['perceptual']}; symmetry identity network: {summary['identity']}")
     return 0
 
 
+def _photo_latent(G, img: str, ws, names: list[str], invert_steps: int):
+    """w (1, num_ws, w_dim) of `img`: the stored latent of one of the adapter's photos (by file name), or
+    any other image file, fitted now: its camera, then its w, against the personalized generator."""
+    from pathlib import Path
+
+    from .personalize import PersonalizeConfig, device_of, fit_cameras, invert
+    from .photos import load_photo
+
+    name = Path(img).name
+    if name in names:
+        return ws[names.index(name)][None]
+    if not Path(img).is_file():
+        raise ValueError(f"{img} is neither one of the adapter's photos ({', '.join(names)}) nor an image file")
+    target = load_photo(img, G.img_resolution)[None].to(device_of(G)) * 2 - 1
+    cfg = PersonalizeConfig(invert_steps=invert_steps)
+    return invert(G, target, fit_cameras(G, target, cfg), cfg)
+
+
 def cmd_interpolate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from ..eval.plots import save_image_grid
@@ -128,20 +156,14 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from .video import to_frames, write_video
 
     G, ws, names, _ = load_personalized(_base_generator(args.base)[0], args.adapter)
-    picks = []
-    for img in (args.img_a, args.img_b):
-        name = img.replace("\\", "/").rsplit("/", 1)[-1]
-        if name not in names:
-            raise ValueError(f"{img} is not one of the adapter's photos: {', '.join(names)}")
-        picks.append(names.index(name))
-    t = torch.linspace(0, 1, args.steps)
-    w = torch.lerp(ws[picks[0]][None], ws[picks[1]][None], t[:, None, None])  # straight lines in W, per layer
+    G = G.to(args.device).requires_grad_(False)  # adapters too: only new photos' latents are fitted here
+    w_a, w_b = (_photo_latent(G, img, ws.to(args.device), names, args.invert_steps) for img in (args.img_a, args.img_b))
+    t = torch.linspace(0, 1, args.steps, device=w_a.device)
+    w = torch.lerp(w_a, w_b, t[:, None, None])  # straight lines in W, per layer
     with torch.no_grad():
-        c = frontal_camera().float()[None].expand(len(t), -1)
+        c = frontal_camera().float().to(w.device)[None].expand(len(t), -1)
         img = G.synthesis(w, c, deterministic=True)["image"]
     frames = to_frames(img)
-    from pathlib import Path
-
     out = Path(args.out)
     save_image_grid(list(frames), [f"t={float(v):.2f}" for v in t], out / "interpolation.png", columns=len(t))
     write_video(frames, out / "interpolation.gif", fps=6, scale=4)
@@ -149,24 +171,48 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def add_personalize_parsers(subparsers) -> None:
+    from .lora import CONV_LAYOUTS
+    from .personalize import LATENT_SPACES, PersonalizeConfig
+
     p = subparsers.add_parser("personalize", help="My3DGen: adapt the 3D generator to one person from ~10 photos")
     p.add_argument("--photos", required=True, help="a folder of photos of one person (any size; read only)")
     p.add_argument("--cameras", help="an EG3D dataset.json with each photo's 25-number camera (default: fitted)")
     p.add_argument("--base", help="base generator: converted folder or EG3D .pkl (default: embedded genfast-heads)")
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--conv-layout", choices=CONV_LAYOUTS, default="my3dgen",
+                   help="shapes of the conv adapters: my3dgen (My3DGen's default, 240K at FFHQ-512 rank 1) or "
+                        "loralib (~0.6x the conv adapter parameters)")
+    p.add_argument("--steps", type=int, default=PersonalizeConfig.steps, help="adapter training steps")
+    p.add_argument("--invert-steps", type=int, default=PersonalizeConfig.invert_steps,
+                   help="steps of the per-photo latent inversion that precedes training")
+    p.add_argument("--latent-space", choices=LATENT_SPACES, default=PersonalizeConfig.latent_space,
+                   help="invert each photo to one w (W) or to one w per layer (W+)")
     p.add_argument("--symmetry", action=argparse.BooleanOptionalAction, default=True,
                    help="the mirrored-camera identity regulariser (default on)")
+    p.add_argument("--arcface", metavar="PTH",
+                   help="ArcFace IR-SE50 weights (model_ir_se50.pth) for the symmetry and identity terms on real "
+                        "faces (default: genfast's identity embedding, trained on the synthetic heads)")
+    p.add_argument("--device", default=_default_device(), help="torch device (default: cuda when available)")
     p.add_argument("--out", required=True, help="the adapter folder to write (rerun to resume)")
     p.set_defaults(func=cmd_personalize)
 
     i = subparsers.add_parser("interpolate", help="novel appearances between two photos of a personalized adapter")
     i.add_argument("--adapter", required=True)
     i.add_argument("--base", help="the base the adapter was trained on (default: embedded genfast-heads)")
-    i.add_argument("img_a", help="a photo's file name, as in the adapter's photos folder")
-    i.add_argument("img_b")
+    i.add_argument("img_a", help="one of the adapter's photos (its file name), or any image file of the person "
+                                 "(its camera and latent are fitted first)")
+    i.add_argument("img_b", help="the same, for the other end")
+    i.add_argument("--device", default=_default_device(), help="torch device (default: cuda when available)")
     i.add_argument("--steps", type=int, default=8)
+    i.add_argument("--invert-steps", type=int, default=PersonalizeConfig.invert_steps,
+                   help="latent fitting steps for an image that is not one of the adapter's photos")
     i.add_argument("--out", required=True, help="a folder for interpolation.png and interpolation.gif")
     i.set_defaults(func=cmd_interpolate)

@@ -15,7 +15,14 @@ affine FullyConnectedLayer     (r, in)        (out, r)  y = base(x) + x @ A^T @ 
 
 The conv update sits in the raw weight space, i.e. *before* modulation and demodulation, so it is
 re-normalised by demodulation exactly like the base weight. Its rank is r*k (3 for a 3x3 conv at r=1),
-as in My3DGen. ``A`` starts as ``kaiming_uniform_(a=sqrt(5))`` and ``B`` as zeros, so at step 0 the
+as in My3DGen.
+
+Two conv layouts, both My3DGen's (its module-level switch ``original_conv_lora``):
+
+- ``"my3dgen"`` (its default, False): A (r*k, I*k*k), B (O, r*k) -- the table above; 240K at FFHQ-512, r=1.
+- ``"loralib"`` (True, loralib's ``ConvLoRA``): A (r*k, I*k), B (O*k, r*k), ``(B @ A).view(O, I, k, k)``;
+  r*k^2*(I + O) instead of r*k*(I*k^2 + O) per conv, ~0.6x at I = O. It matters on narrow generators:
+  the my3dgen layout costs ~r*k/O of a conv's weights, 2.3% at the embedded prior's 128 channels. ``A`` starts as ``kaiming_uniform_(a=sqrt(5))`` and ``B`` as zeros, so at step 0 the
 adapted generator is the base generator bit for bit (W + 0 == W).
 
 Why ``torch.nn.utils.parametrize`` and not peft: peft's LoRA matches ``nn.Linear`` / ``nn.Conv2d``
@@ -58,6 +65,7 @@ from .networks import SynthesisLayer, ToRGBLayer
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "CONV_LAYOUTS",
     "BiasDelta",
     "LoraDelta",
     "LoraState",
@@ -80,6 +88,7 @@ ADAPTER_CONFIG = "adapter.json"
 FORMAT = "genfast-eg3d-lora"
 FORMAT_VERSION = 1
 TARGETS = {"synthesis": "backbone.synthesis", "superresolution": "superresolution"}
+CONV_LAYOUTS = ("my3dgen", "loralib")
 _STATE_ATTR = "_genfast_lora"
 # state-dict keys of parametrized modules: "<m>.parametrizations.<t>.original" holds the base tensor,
 # "<m>.parametrizations.<t>.<i>.<name>" the parametrization's own tensors (here: the adapter).
@@ -88,21 +97,26 @@ _PARAMETRIZATION_KEY = re.compile(r"\.parametrizations\.\w+\.\d+\.")
 
 
 class LoraDelta(nn.Module):
-    """Parametrization ``W -> W + multiplier * (B @ A).view(W.shape)`` with A (r*k, fan_in), B (out, r*k).
+    """Parametrization ``W -> W + multiplier * (B @ A).view(W.shape)``.
 
+    A (r*k, fan_in) and B (out, r*k) in the "my3dgen" layout; A (r*k, I*k) and B (O*k, r*k) in the
+    "loralib" one (k = 1 for linear layers and 1x1 convs, where the two coincide).
     ``multiplier`` is ``alpha / rank`` divided by the runtime gain the layer applies to its stored
     weight, if any (see `add_lora`: the affine layers multiply by ``weight_gain``).
     """
 
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, runtime_gain: float = 1.0):
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, runtime_gain: float = 1.0,
+                 layout: str = "my3dgen"):
         super().__init__()
-        out_features = weight.shape[0]
-        fan_in = math.prod(weight.shape[1:])
         kernel = weight.shape[-1] if weight.ndim == 4 else 1  # My3DGen: rank r*k for a k x k conv
         inner = rank * kernel
+        if layout == "loralib":
+            rows, cols = weight.shape[0] * kernel, weight.shape[1] * kernel
+        else:
+            rows, cols = weight.shape[0], math.prod(weight.shape[1:])
         kw = dict(device=weight.device, dtype=weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(inner, fan_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, inner, **kw))
+        self.lora_A = nn.Parameter(torch.empty(inner, cols, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(rows, inner, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
         self.runtime_gain = runtime_gain
@@ -135,6 +149,7 @@ class LoraState:
     alpha: float
     train_biases: bool
     targets: tuple[str, ...]
+    conv_layout: str = "my3dgen"
     modulated: list[str] = field(default_factory=list)  # SynthesisLayer / ToRGBLayer paths (their .weight)
     affine: list[str] = field(default_factory=list)  # their .affine FullyConnectedLayer paths
     requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)  # restored by remove_lora
@@ -166,10 +181,12 @@ def add_lora(
     alpha: float = 1.0,
     train_biases: bool = False,
     targets: tuple[str, ...] | list[str] = ("synthesis", "superresolution"),
+    conv_layout: str = "my3dgen",
 ) -> LoraState:
     """Freeze G and attach rank-``rank`` adapters (scale ``alpha / rank``) to every modulated conv and its affine.
 
-    ``targets``: "synthesis" (the tri-plane backbone) and/or "superresolution". Every base parameter gets
+    ``targets``: "synthesis" (the tri-plane backbone) and/or "superresolution". ``conv_layout``:
+    "my3dgen" or "loralib" (the shapes of the conv adapters, see the module docstring). Every base parameter gets
     ``requires_grad=False``; the adapter tensors (and the bias deltas with ``train_biases``) are the only
     trainable ones -- `lora_parameters` lists them. G is modified in place; `remove_lora` undoes it.
     """
@@ -183,8 +200,11 @@ def add_lora(
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
         raise ValueError(f"targets must be a non-empty subset of {sorted(TARGETS)}, got {list(targets)}")
+    if conv_layout not in CONV_LAYOUTS:
+        raise ValueError(f"conv_layout must be one of {', '.join(CONV_LAYOUTS)}, got {conv_layout!r}")
 
-    state = LoraState(rank=rank, alpha=float(alpha), train_biases=bool(train_biases), targets=targets)
+    state = LoraState(rank=rank, alpha=float(alpha), train_biases=bool(train_biases), targets=targets,
+                      conv_layout=conv_layout)
     state.requires_grad = {name: p.requires_grad for name, p in G.named_parameters()}
     G.requires_grad_(False)
     for target in targets:
@@ -193,7 +213,7 @@ def add_lora(
             if not isinstance(layer, (SynthesisLayer, ToRGBLayer)):
                 continue
             # Conv weights are used as stored (ToRGB's weight_gain scales the styles, not the weight).
-            _adapt(layer, LoraDelta(layer.weight, rank, alpha), train_biases)
+            _adapt(layer, LoraDelta(layer.weight, rank, alpha, layout=conv_layout), train_biases)
             state.modulated.append(sub)
             # FullyConnectedLayer multiplies its stored weight by weight_gain (1/sqrt(in)) at run time,
             # but My3DGen adds x @ A^T @ B^T * alpha/r *unscaled*; dividing the delta by weight_gain here
@@ -365,6 +385,7 @@ def save_adapter(
         "alpha": state.alpha,
         "train_biases": state.train_biases,
         "targets": list(state.targets),
+        "conv_layout": state.conv_layout,
         "base_hash": actual,
         "genfast_version": __version__,
         "parameter_count": counts["total"],
@@ -410,9 +431,8 @@ def load_adapter(G: nn.Module, path: str | Path, base_hash: str | None = None) -
             f"but this generator's base is {actual}; load the base checkpoint it was trained on"
         )
     sd = load_file(str(Path(path) / ADAPTER_WEIGHTS))
-    state = add_lora(
-        G, rank=config["rank"], alpha=config["alpha"], train_biases=config["train_biases"], targets=config["targets"]
-    )
+    state = add_lora(G, rank=config["rank"], alpha=config["alpha"], train_biases=config["train_biases"],
+                     targets=config["targets"], conv_layout=config.get("conv_layout", "my3dgen"))
     try:
         load_lora_state_dict(G, sd)
     except BaseException:

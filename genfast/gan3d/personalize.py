@@ -2,7 +2,7 @@
 
 1. cameras: given (an EG3D dataset.json) or fitted by analysis-by-synthesis against the frozen
    generator (yaw, pitch and a latent optimised together from several starting yaws; the best fit wins);
-2. latents: one w per photo ("W" inversion), generator frozen;
+2. latents: one w per photo ("W" inversion; "W+", one w per layer, on request), generator frozen;
 3. adapters: low-rank adapters on every modulated convolution and style affine (genfast.gan3d.lora),
    trained on the photos with their latents fixed: MSE on the super-resolved and the raw render,
    plus LPIPS(alex) when its weights are on disk, otherwise an identity-embedding term in its place;
@@ -34,6 +34,7 @@ LORA_DIR = "lora"
 LATENTS = "latents.safetensors"
 CAMERAS = "cameras.json"
 SUMMARY = "personalize.json"
+LATENT_SPACES = ("w", "w+")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class PersonalizeConfig:
     rank: int = 1
     alpha: float = 1.0
     train_biases: bool = False
+    conv_layout: str = "my3dgen"  # or "loralib": ~0.6x the conv adapter parameters (see genfast.gan3d.lora)
     full_finetune: bool = False  # the comparison: train every synthesis/SR weight instead of adapters
     steps: int = 300
     lr: float = 2e-3  # My3DGen: 0.0025 * 4/5
@@ -48,6 +50,7 @@ class PersonalizeConfig:
     symmetry_every: int = 4
     symmetry_weight: float = 1.0
     identity_weight: float = 0.1  # the offline stand-in for LPIPS
+    latent_space: str = "w"  # "w": one w per photo, shared by every layer; "w+": one per layer (closer fits)
     invert_steps: int = 150
     invert_lr: float = 0.05
     camera_steps: int = 40
@@ -62,6 +65,8 @@ class PersonalizeConfig:
         for name in ("steps", "symmetry_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.latent_space not in LATENT_SPACES:
+            raise ValueError(f"latent_space must be one of {', '.join(LATENT_SPACES)}, got {self.latent_space!r}")
 
 
 def _render(G, ws, cams):
@@ -79,11 +84,17 @@ def _cameras(yaw, pitch, n):
     return camera_vector(pose, ffhq_intrinsics().expand(n, 3, 3))
 
 
+def device_of(module) -> torch.device:
+    """Where a module's parameters live: photos, cameras and latents are moved there."""
+    return next(module.parameters()).device
+
+
 def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True) -> torch.Tensor:
     """(N, 25) cameras for photos (N, 3, H, W) in [-1, 1]: yaw, pitch and w fitted together, best of several starts."""
     n, k = len(targets), len(cfg.camera_starts)
-    yaw = torch.tensor(cfg.camera_starts, dtype=torch.float64).repeat(n).requires_grad_(True)
-    pitch = torch.zeros(n * k, dtype=torch.float64, requires_grad=True)
+    targets = targets.to(device_of(G))
+    yaw = torch.tensor(cfg.camera_starts, dtype=torch.float64, device=targets.device).repeat(n).requires_grad_(True)
+    pitch = torch.zeros(n * k, dtype=torch.float64, device=targets.device, requires_grad=True)
     w = G.backbone.mapping.w_avg.detach()[None].repeat(n * k, 1).requires_grad_(True)
     target = targets.repeat_interleave(k, 0)
     opt = torch.optim.Adam([{"params": [w], "lr": cfg.invert_lr}, {"params": [yaw, pitch], "lr": 0.02}])
@@ -98,20 +109,29 @@ def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool
         with torch.no_grad():
             yaw.clamp_(-1.2, 1.2)
             pitch.clamp_(-0.5, 0.5)
-    best = per_image.detach().view(n, k).argmin(1) + torch.arange(n) * k
+    best = per_image.detach().view(n, k).argmin(1) + torch.arange(n, device=targets.device) * k
     return _cameras(yaw.detach()[best], pitch.detach()[best], n).float()
 
 
 def invert(G, targets: torch.Tensor, cams: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True):
-    """One w per photo (W inversion) with the generator frozen; ws (N, num_ws, w_dim)."""
-    w = G.backbone.mapping.w_avg.detach()[None].repeat(len(targets), 1).requires_grad_(True)
+    """Latents of photos with the generator frozen, ws (N, num_ws, w_dim): one w per photo repeated over
+    the layers ("w"), or one per layer ("w+", started from the same w_avg)."""
+    targets, cams = targets.to(device_of(G)), cams.to(device_of(G))
+    layers = G.num_ws if cfg.latent_space == "w+" else 1
+    w = G.backbone.mapping.w_avg.detach()[None, None].repeat(len(targets), layers, 1).requires_grad_(True)
     opt = torch.optim.Adam([w], lr=cfg.invert_lr)
-    for _ in tqdm(range(cfg.invert_steps), desc="invert photos", disable=not progress):
-        loss = _recon(_render(G, w[:, None].expand(-1, G.num_ws, -1), cams), targets)
+    for _ in tqdm(range(cfg.invert_steps), desc=f"invert photos ({cfg.latent_space})", disable=not progress):
+        loss = _recon(_render(G, w.expand(-1, G.num_ws, -1), cams), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return w.detach()[:, None].expand(-1, G.num_ws, -1).contiguous()
+    return w.detach().expand(-1, G.num_ws, -1).contiguous()
+
+
+def identity_name(identity) -> str:
+    from .arcface import ArcFaceIRSE50
+
+    return "ArcFace IR-SE50" if isinstance(identity, ArcFaceIRSE50) else "genfast-identity (synthetic heads)"
 
 
 class _Perceptual:
@@ -121,9 +141,9 @@ class _Perceptual:
         from ..eval.lpips_metric import LPIPSMetric, lpips_available
 
         ok, self.note = lpips_available("alex")
-        self.lpips = LPIPSMetric("alex").model if ok else None
+        self.lpips = LPIPSMetric("alex").model.to(device_of(identity)) if ok else None
         self.identity, self.weight = identity, weight
-        self.name = "LPIPS[alex]" if ok else "identity-embedding distance (LPIPS weights not on disk)"
+        self.name = "LPIPS[alex]" if ok else f"{identity_name(identity)} distance (LPIPS weights not on disk)"
 
     def __call__(self, out, target):
         if self.lpips is not None:
@@ -134,7 +154,7 @@ class _Perceptual:
 
 def symmetry_loss(G, ws, identity, generator: torch.Generator) -> torch.Tensor:
     """1 - cos(identity(render(c)), identity(flip(render(flip_yaw(c))))) for a random camera per latent."""
-    cams = sample_cameras(len(ws), generator, intrinsics=ffhq_intrinsics())
+    cams = sample_cameras(len(ws), generator, intrinsics=ffhq_intrinsics()).to(ws.device)
     both = _render(G, torch.cat([ws, ws]), torch.cat([cams, flip_yaw(cams)]))["image"]
     a, b = both.chunk(2)
     return (1 - identity_similarity(identity, a, b.flip(-1))).mean()
@@ -148,7 +168,7 @@ def _trainable(G, cfg: PersonalizeConfig):
         for part in (G.backbone.synthesis, G.superresolution):
             part.requires_grad_(True)
         return [p for p in G.parameters() if p.requires_grad]
-    lora.add_lora(G, rank=cfg.rank, alpha=cfg.alpha, train_biases=cfg.train_biases)
+    lora.add_lora(G, rank=cfg.rank, alpha=cfg.alpha, train_biases=cfg.train_biases, conv_layout=cfg.conv_layout)
     return lora.lora_parameters(G)
 
 
@@ -156,6 +176,9 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
                 cameras: torch.Tensor | None = None, identity=None, progress: bool = True, log=print,
                 ws: torch.Tensor | None = None) -> dict:
     """Fit G (modified in place: adapters added) to photos (N, 3, H, W) in [0, 1]; write the adapter folder.
+
+    ``identity``: the network behind the symmetry term (and the offline LPIPS stand-in): the embedded
+    genfast-identity encoder by default, or `genfast.gan3d.arcface.load_arcface` for real faces.
 
     Resumable: finished phases (cameras, latents) and adapter checkpoints are kept in `<out>.work`.
     """
@@ -173,8 +196,9 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
     t0 = time.time()
     base = lora.base_hash(G)
     base_parameters = sum(p.numel() for p in G.parameters())
-    identity = identity or load_identity_encoder()
-    targets = photos * 2 - 1
+    device = device_of(G)
+    identity = (identity if identity is not None else load_identity_encoder()).to(device)
+    targets = photos.to(device) * 2 - 1
     G.requires_grad_(False)
 
     if cameras is None:
@@ -184,14 +208,16 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
             cameras = read_cameras(work / CAMERAS, names)
         else:
             cameras = fit_cameras(G, targets, cfg, progress)
-            write_cameras(work / CAMERAS, names, cameras)
+            write_cameras(work / CAMERAS, names, cameras.cpu())
+    cameras = cameras.to(device)
     if ws is not None:  # given (a benchmark comparing several trainings from one inversion)
         pass
     elif (work / LATENTS).is_file():
         ws = load_file(str(work / LATENTS))["ws"]
     else:
         ws = invert(G, targets, cameras, cfg, progress)
-        save_file({"ws": ws}, str(work / LATENTS))
+        save_file({"ws": ws.cpu()}, str(work / LATENTS))
+    ws = ws.to(device)
 
     params = _trainable(G, cfg)
     trainable = sum(p.numel() for p in params)
@@ -222,7 +248,7 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
 
     summary = {"photos": names, "base_hash": base, "trainable_parameters": trainable,
                "generator_parameters": base_parameters,
-               "perceptual": perceptual.name, "config": asdict(cfg), "minutes": round((time.time() - t0) / 60, 2)}
+               "perceptual": perceptual.name, "identity": identity_name(identity), "config": asdict(cfg), "minutes": round((time.time() - t0) / 60, 2)}
     with atomic_dir(out) as tmp:
         if cfg.full_finetune:
             from .loader import save_converted
@@ -230,8 +256,8 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
             save_converted(G, tmp / "generator")
         else:
             lora.save_adapter(G, tmp / LORA_DIR, base_hash=base, rank=cfg.rank, alpha=cfg.alpha)
-        save_file({"ws": ws}, str(tmp / LATENTS))
-        write_cameras(tmp / CAMERAS, names, cameras)
+        save_file({"ws": ws.cpu()}, str(tmp / LATENTS))
+        write_cameras(tmp / CAMERAS, names, cameras.cpu())
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

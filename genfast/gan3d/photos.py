@@ -48,21 +48,28 @@ def _rgb(image):
 def load_photos(folder: str | os.PathLike, resolution: int = 64,
                 min_photos: int = MIN_PHOTOS) -> tuple[list[str], torch.Tensor]:
     """(file names, images (N, 3, R, R) float in [0, 1]); the folder is only read, never written."""
-    from PIL import Image, UnidentifiedImageError
-
     paths = list_photos(folder)
     if len(paths) < min_photos:
         raise ValueError(f"photos folder {folder} has {len(paths)} image(s); personalization needs at least "
                          f"{min_photos} photos of the person (about 10 works best)")
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(np.asarray(_square(_rgb(im), resolution), dtype=np.float32) / 255)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise ValueError(f"cannot read photo {path}: {err}. Remove it or replace it with a PNG/JPEG") from err
-    return [p.name for p in paths], torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    images = torch.stack([load_photo(path, resolution) for path in paths])
+    return [p.name for p in paths], images
+
+
+def load_photo(path: str | os.PathLike, resolution: int = 64) -> torch.Tensor:
+    """One photo as (3, R, R) float in [0, 1]: any mode to RGB, centre crop, resize; errors name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"photo {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = np.asarray(_square(_rgb(im), resolution), dtype=np.float32) / 255
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read photo {path}: {err}. Remove it or replace it with a PNG/JPEG") from err
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
 
 def read_cameras(path: str | os.PathLike, names: list[str]) -> torch.Tensor:
