@@ -4,7 +4,7 @@ Held-out synthetic identities (seed 1, never seen by the prior): 10 training vie
 FFHQ-like camera sampler with their true cameras, and novel views from yaws across [-1.0, 1.0]
 rad, profiles (|yaw| >= 0.8) included. Every row starts from the same per-photo inversion and
 renders the novel views from the mean of the photos' w's. Columns: novel-view PSNR / SSIM against
-the true renders (LPIPS where its weights are on disk), identity similarity (genfast's identity
+the true renders (LPIPS[alex] where its weights are on disk, else n/a), identity similarity (genfast's identity
 embedding, render vs truth), profile-view PSNR, trained parameters, wall time.
 
     python bench/my3dgen.py [--identities 2] [--first 0] [--steps 300] [--device cuda] [--max-minutes M]
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from genfast.data.heads import render_head, render_views, sample_identity
 from genfast.eval.faithfulness import faithfulness
+from genfast.eval.lpips_metric import LPIPSMetric, lpips_available
 from genfast.gan3d.cameras import ffhq_intrinsics, sample_cameras
 from genfast.gan3d.identity import identity_similarity, load_identity_encoder
 from genfast.gan3d.personalize import PersonalizeConfig, invert, personalize
@@ -48,13 +49,14 @@ def views_of(index: int, n_train: int, res: int, device):
 
 
 @torch.no_grad()
-def evaluate(G, ws, novel, novel_cams, identity) -> dict:
+def evaluate(G, ws, novel, novel_cams, identity, lpips=None) -> dict:
     w = ws.mean(0, keepdim=True).expand(len(novel_cams), -1, -1)
     pred = (G.synthesis(w, novel_cams, deterministic=True)["image"].clamp(-1, 1) + 1) / 2
     prof = [k for k, y in enumerate(NOVEL_YAWS) if abs(y) >= PROFILE]
     sim = identity_similarity(identity, pred * 2 - 1, novel * 2 - 1)
     return {**faithfulness(pred, novel), "identity": float(sim.mean()),
-            "profile_psnr": faithfulness(pred[prof], novel[prof])["psnr"]}
+            "profile_psnr": faithfulness(pred[prof], novel[prof])["psnr"],
+            "lpips": float(lpips(pred, novel).mean()) if lpips is not None else None}
 
 
 BASE = "base prior (inversion only)"
@@ -69,19 +71,20 @@ def configs_for(steps: int, rank: int) -> dict[str, PersonalizeConfig]:
                                                                  conv_layout="loralib")}
 
 
-def run_identity(base, identity, index: int, args) -> dict[str, dict]:
+def run_identity(base, identity, index: int, args, lpips=None) -> dict[str, dict]:
     """Every row for held-out identity `index`: the shared inversion, then each training from it."""
     train, train_cams, novel, novel_cams = views_of(index, args.views, base.img_resolution, args.device)
     t0 = time.time()
     ws = invert(base, train * 2 - 1, train_cams, PersonalizeConfig(), progress=False)
-    out = {BASE: {**evaluate(base, ws, novel, novel_cams, identity), "trainable": 0, "seconds": time.time() - t0}}
+    out = {BASE: {**evaluate(base, ws, novel, novel_cams, identity, lpips), "trainable": 0,
+                  "seconds": time.time() - t0}}
     for name, cfg in configs_for(args.steps, args.rank).items():
         G = copy.deepcopy(base)
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             summary = personalize(G, [f"{i}.png" for i in range(args.views)], train, f"{tmp}/adapter", cfg,
                                   cameras=train_cams, identity=identity, ws=ws, log=lambda _: None, progress=False)
-        out[name] = {**evaluate(G, ws, novel, novel_cams, identity),
+        out[name] = {**evaluate(G, ws, novel, novel_cams, identity, lpips),
                      "trainable": summary["trainable_parameters"], "seconds": time.time() - t0}
     return out
 
@@ -93,11 +96,14 @@ def report(results: dict[int, dict[str, dict]], meta: dict) -> None:
     print(f"\nMy3DGen on genfast-heads ({meta['generator_parameters']:,} parameters), {len(ids)} held-out "
           f"identities x {meta['views']} training views, {meta['steps']} steps, rank {meta['rank']}, "
           f"{meta['device']}; novel yaws {NOVEL_YAWS} rad, profile = |yaw| >= {PROFILE}")
-    print(f"  {'':<34}{'PSNR':>8}{'SSIM':>8}{'identity':>10}{'profile PSNR':>14}{'trained params':>16}{'s':>8}")
+    print(f"  {'':<34}{'PSNR':>8}{'SSIM':>8}{'LPIPS':>8}{'identity':>10}{'profile PSNR':>14}"
+          f"{'trained params':>16}{'s':>8}")
     for name in names:
         rows = [results[i][name] for i in ids]
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-        print(f"  {name:<34}{mean['psnr']:>8.2f}{mean['ssim']:>8.4f}{mean['identity']:>10.4f}"
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "lpips"}
+        lpips = [r.get("lpips") for r in rows]
+        lpips = f"{sum(lpips) / len(lpips):.4f}" if None not in lpips else "n/a"  # only with its weights on disk
+        print(f"  {name:<34}{mean['psnr']:>8.2f}{mean['ssim']:>8.4f}{lpips:>8}{mean['identity']:>10.4f}"
               f"{mean['profile_psnr']:>14.2f}{int(mean['trainable']):>16,}{mean['seconds']:>8.0f}")
     # paired per identity: the claims are differences on the same person, so count the wins too
     pairs = [("LoRA + symmetry", "LoRA", "profile_psnr"), ("LoRA + symmetry", "full fine-tuning", "psnr"),
@@ -147,6 +153,10 @@ def run(args) -> tuple[dict, dict]:
     t_start = time.time()
     base, _ = load_heads_prior()
     base, identity = base.to(args.device), load_identity_encoder().to(args.device)
+    ok, note = lpips_available("alex", args.lpips_weights)
+    lpips = LPIPSMetric("alex", args.lpips_weights, device=args.device) if ok else None
+    if lpips is None:
+        print(f"LPIPS column left empty: {note}")
     meta = {"views": args.views, "steps": args.steps, "rank": args.rank, "device": str(args.device),
             "generator_parameters": sum(q.numel() for q in base.parameters())}
     results = {}
@@ -154,7 +164,7 @@ def run(args) -> tuple[dict, dict]:
         if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
             print(f"--max-minutes {args.max_minutes} reached: stopping after {len(results)} identities")
             break
-        results[index] = run_identity(base, identity, index, args)
+        results[index] = run_identity(base, identity, index, args, lpips)
         if args.json:
             _write_json(args.json, results, meta)
     return results, meta
@@ -169,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--lpips-weights", help="AlexNet weights for LPIPS (default: torch's hub cache; never downloaded)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no new identity after this")
     p.add_argument("--json", help="write every identity's rows here (rewritten after each identity)")
     p.add_argument("--report", nargs="+", metavar="JSON", help="only print the table over these runs' identities")

@@ -42,8 +42,8 @@ base tensors are never written to: ``remove_lora(merge=False)`` restores the bas
 `base_hash` identifies the base even while adapters are attached.
 
 Adapter files (`save_adapter`): ``adapter.safetensors`` (``<layer>.lora_A``, ``<layer>.lora_B`` and,
-with ``train_biases``, ``<layer>.bias_delta``) and ``adapter.json`` (rank, alpha, train_biases, the
-base generator's hash, genfast version, parameter count). Loading onto another base is refused.
+with ``train_biases``, ``<layer>.bias_delta``) and ``adapter.json`` (rank, alpha, train_biases, conv
+layout, the base generator's hash, genfast version, parameter count). Loading onto another base is refused.
 """
 
 from __future__ import annotations
