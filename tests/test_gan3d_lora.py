@@ -286,7 +286,7 @@ def test_ffhq512_adapter_size_matches_my3dgen():
 def test_adapter_share_of_each_generator():
     """The issue's bound (<= 2% of G, >= 50x fewer than full fine-tuning) per generator and layout.
 
-    A 3x3 conv's my3dgen-layout adapter costs r*k/O + r/(I*k^2) of its weights: 0.6% at FFHQ-512's 512
+    A 3x3 conv's my3dgen-layout adapter costs r*k/O + r/(I*k) of its weights: 0.65% at FFHQ-512's 512
     channels, 2.6% at the embedded prior's 128. The loralib layout, r*k^2*(I + O), brings the narrow
     prior under the bound; at FFHQ-512 both layouts are far under it.
     """

@@ -22,8 +22,11 @@ Two conv layouts, both My3DGen's (its module-level switch ``original_conv_lora``
 - ``"my3dgen"`` (its default, False): A (r*k, I*k*k), B (O, r*k) -- the table above; 240K at FFHQ-512, r=1.
 - ``"loralib"`` (True, loralib's ``ConvLoRA``): A (r*k, I*k), B (O*k, r*k), ``(B @ A).view(O, I, k, k)``;
   r*k^2*(I + O) instead of r*k*(I*k^2 + O) per conv, ~0.6x at I = O. It matters on narrow generators:
-  the my3dgen layout costs ~r*k/O of a conv's weights, 2.3% at the embedded prior's 128 channels. ``A`` starts as ``kaiming_uniform_(a=sqrt(5))`` and ``B`` as zeros, so at step 0 the
-adapted generator is the base generator bit for bit (W + 0 == W).
+  a my3dgen-layout adapter costs r*k/O + r/(I*k) of a 3x3 conv's weights: 0.65% at FFHQ-512's 512
+  channels, 2.6% at the embedded prior's 128.
+
+``A`` starts as ``kaiming_uniform_(a=sqrt(5))`` and ``B`` as zeros, so at step 0 the adapted generator
+is the base generator bit for bit (W + 0 == W).
 
 Why ``torch.nn.utils.parametrize`` and not peft: peft's LoRA matches ``nn.Linear`` / ``nn.Conv2d``
 modules, while EG3D's layers hold raw ``nn.Parameter`` weights and call the convolution functionally
@@ -186,8 +189,8 @@ def add_lora(
     """Freeze G and attach rank-``rank`` adapters (scale ``alpha / rank``) to every modulated conv and its affine.
 
     ``targets``: "synthesis" (the tri-plane backbone) and/or "superresolution". ``conv_layout``:
-    "my3dgen" or "loralib" (the shapes of the conv adapters, see the module docstring). Every base parameter gets
-    ``requires_grad=False``; the adapter tensors (and the bias deltas with ``train_biases``) are the only
+    "my3dgen" or "loralib" (the shapes of the conv adapters, see the module docstring). Every base
+    parameter gets ``requires_grad=False``; the adapter tensors (and the bias deltas with ``train_biases``) are the only
     trainable ones -- `lora_parameters` lists them. G is modified in place; `remove_lora` undoes it.
     """
     if get_lora_state(G) is not None:
