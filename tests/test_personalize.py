@@ -82,6 +82,7 @@ def test_given_cameras_are_used_and_training_resumes(setup, monkeypatch):
     personalize(copy.deepcopy(base), names, images, root / "resumed", FAST, cameras=cams, identity=identity,
                 progress=False, log=logs.append)
     assert any("resumed at step 2" in line for line in logs), logs
+    assert not (root / "resumed.work").exists()  # finished: the work folder goes, a rerun starts afresh
     _, _, _, saved = load_personalized(copy.deepcopy(base), root / "resumed")
     assert torch.allclose(saved, cams, atol=1e-5)
 
@@ -181,3 +182,28 @@ def test_inversion_in_w_and_w_plus(setup, space):
         assert fitted < _recon(base.synthesis(start, cams, deterministic=True), targets)
     with pytest.raises(ValueError, match="latent_space must be one of w, w\\+"):
         PersonalizeConfig(latent_space="z")
+
+
+def test_resume_refuses_other_settings(setup, monkeypatch):
+    """An unfinished run is resumed only with the settings it started with; the error names what differs."""
+    root, base, identity, photos, cams = setup
+    names, images = load_photos(photos)
+    import genfast.gan3d.personalize as pers
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pers, "symmetry_loss", stop)  # stops in the first training step
+    with pytest.raises(KeyboardInterrupt):
+        personalize(copy.deepcopy(base), names, images, root / "other", FAST, cameras=cams, identity=identity,
+                    progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"unfinished run with other settings \(rank\).*delete"):
+        personalize(copy.deepcopy(base), names, images, root / "other", dataclasses.replace(FAST, rank=2),
+                    cameras=cams, identity=identity, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(photos\)"):
+        personalize(copy.deepcopy(base), names[:2], images[:2], root / "other", FAST, cameras=cams[:2],
+                    identity=identity, progress=False)
+    personalize(copy.deepcopy(base), names, images, root / "other", FAST, cameras=cams, identity=identity,
+                progress=False)  # the same settings resume
+    assert (root / "other" / "personalize.json").is_file()

@@ -185,8 +185,8 @@ def add_personalize_parsers(subparsers) -> None:
     p.add_argument("--photos", required=True, help="a folder of photos of one person (any size; read only)")
     p.add_argument("--cameras", help="an EG3D dataset.json with each photo's 25-number camera (default: fitted)")
     p.add_argument("--base", help="base generator: converted folder or EG3D .pkl (default: embedded genfast-heads)")
-    p.add_argument("--rank", type=int, default=1)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--rank", type=int, default=PersonalizeConfig.rank, help="adapter rank r (conv inner rank r*k)")
+    p.add_argument("--alpha", type=float, default=PersonalizeConfig.alpha, help="adapter scale is alpha / r")
     p.add_argument("--conv-layout", choices=CONV_LAYOUTS, default="my3dgen",
                    help="shapes of the conv adapters: my3dgen (My3DGen's default, 240K at FFHQ-512 rank 1) or "
                         "loralib (~0.6x the conv adapter parameters)")
@@ -205,13 +205,13 @@ def add_personalize_parsers(subparsers) -> None:
     p.set_defaults(func=cmd_personalize)
 
     i = subparsers.add_parser("interpolate", help="novel appearances between two photos of a personalized adapter")
-    i.add_argument("--adapter", required=True)
+    i.add_argument("--adapter", required=True, help="a folder written by `genfast personalize`")
     i.add_argument("--base", help="the base the adapter was trained on (default: embedded genfast-heads)")
     i.add_argument("img_a", help="one of the adapter's photos (its file name), or any image file of the person "
                                  "(its camera and latent are fitted first)")
     i.add_argument("img_b", help="the same, for the other end")
     i.add_argument("--device", default=_default_device(), help="torch device (default: cuda when available)")
-    i.add_argument("--steps", type=int, default=8)
+    i.add_argument("--steps", type=int, default=8, help="images from one end to the other, both included")
     i.add_argument("--invert-steps", type=int, default=PersonalizeConfig.invert_steps,
                    help="latent fitting steps for an image that is not one of the adapter's photos")
     i.add_argument("--out", required=True, help="a folder for interpolation.png and interpolation.gif")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..io import atomic_dir
+from ..io import atomic_dir, atomic_write_text
 from .cameras import camera_vector, ffhq_intrinsics, flip_yaw, lookat_pose, sample_cameras
 from .identity import identity_similarity
 
@@ -34,6 +35,7 @@ LORA_DIR = "lora"
 LATENTS = "latents.safetensors"
 CAMERAS = "cameras.json"
 SUMMARY = "personalize.json"
+RUN = "run.json"  # in the work folder: what an unfinished run was started with
 LATENT_SPACES = ("w", "w+")
 
 
@@ -192,12 +194,13 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
 
     out = Path(out)
     work = out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = lora.base_hash(G)
     base_parameters = sum(p.numel() for p in G.parameters())
     device = device_of(G)
     identity = (identity if identity is not None else load_identity_encoder()).to(device)
+    _claim_work_dir(work, {"photos": names, "base_hash": base, "identity": identity_name(identity),
+                           "cameras_given": cameras is not None, "config": asdict(cfg)})
     targets = photos.to(device) * 2 - 1
     G.requires_grad_(False)
 
@@ -247,8 +250,9 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
             ckpt.save(step + 1)
 
     summary = {"photos": names, "base_hash": base, "trainable_parameters": trainable,
-               "generator_parameters": base_parameters,
-               "perceptual": perceptual.name, "identity": identity_name(identity), "config": asdict(cfg), "minutes": round((time.time() - t0) / 60, 2)}
+               "generator_parameters": base_parameters, "perceptual": perceptual.name,
+               "identity": identity_name(identity), "config": asdict(cfg),
+               "minutes": round((time.time() - t0) / 60, 2)}
     with atomic_dir(out) as tmp:
         if cfg.full_finetune:
             from .loader import save_converted
@@ -259,7 +263,25 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
         save_file({"ws": ws.cpu()}, str(tmp / LATENTS))
         write_cameras(tmp / CAMERAS, names, cameras.cpu())
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(work)  # the adapter is written: a rerun starts afresh instead of resuming a finished run
     return summary
+
+
+def _claim_work_dir(work: Path, run: dict) -> None:
+    """Create `work`, or check that the unfinished run in it had the same photos, base and settings:
+    resuming checkpoints of another run would mix two trainings (or fail on shapes)."""
+    run = json.loads(json.dumps(run))  # tuples -> lists, as they come back from disk
+    record = work / RUN
+    if record.is_file():
+        before = json.loads(record.read_text())
+        if before != run:
+            differ = sorted(k for k in run if before.get(k) != run[k] and k != "config")
+            differ += sorted(k for k in run["config"] if before.get("config", {}).get(k) != run["config"][k])
+            raise ValueError(f"{work} holds an unfinished run with other settings ({', '.join(differ)}); "
+                             f"rerun with the same photos and options to resume it, or delete {work} to start over")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(run, indent=2) + "\n")
 
 
 def load_personalized(G, adapter: str | Path):
