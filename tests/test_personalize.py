@@ -204,6 +204,7 @@ def test_resume_refuses_other_settings(setup, monkeypatch):
     with pytest.raises(ValueError, match=r"other settings \(photos\)"):
         personalize(copy.deepcopy(base), names[:2], images[:2], root / "other", FAST, cameras=cams[:2],
                     identity=identity, progress=False)
-    personalize(copy.deepcopy(base), names, images, root / "other", FAST, cameras=cams, identity=identity,
-                progress=False)  # the same settings resume
+    summary = personalize(copy.deepcopy(base), names, images, root / "other", dataclasses.replace(FAST, steps=5),
+                          cameras=cams, identity=identity, progress=False)  # same settings (a longer run) resume
+    assert summary["config"]["steps"] == 5
     assert (root / "other" / "personalize.json").is_file()

@@ -199,8 +199,9 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
     base_parameters = sum(p.numel() for p in G.parameters())
     device = device_of(G)
     identity = (identity if identity is not None else load_identity_encoder()).to(device)
+    resumable = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "ckpt_every")}  # may change
     _claim_work_dir(work, {"photos": names, "base_hash": base, "identity": identity_name(identity),
-                           "cameras_given": cameras is not None, "config": asdict(cfg)})
+                           "cameras_given": cameras is not None, "config": resumable})
     targets = photos.to(device) * 2 - 1
     G.requires_grad_(False)
 
