@@ -57,18 +57,7 @@ SYNTHESIS_KEYS = {
     "activation",
     "kernel_size",
 }
-SR_KEYS = {
-    "channel_base",
-    "channel_max",
-    "num_fp16_res",
-    "conv_clamp",
-    "fused_modconv_default",
-    "architecture",
-    "resample_filter",
-    "fp16_channels_last",
-    "use_noise",
-    "activation",
-    "kernel_size",
+SR_KEYS = SYNTHESIS_KEYS | {
     # genfast.SuperresolutionHybrid only: the layout the EG3D presets fix.
     "input_resolution",
     "block_channels",

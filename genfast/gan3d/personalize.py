@@ -199,8 +199,9 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
     base_parameters = sum(p.numel() for p in G.parameters())
     device = device_of(G)
     identity = (identity if identity is not None else load_identity_encoder()).to(device)
+    identity_label = identity_name(identity)
     resumable = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "ckpt_every")}  # may change
-    _claim_work_dir(work, {"photos": names, "base_hash": base, "identity": identity_name(identity),
+    _claim_work_dir(work, {"photos": names, "base_hash": base, "identity": identity_label,
                            "cameras_given": cameras is not None, "config": resumable})
     targets = photos.to(device) * 2 - 1
     G.requires_grad_(False)
@@ -252,7 +253,7 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
 
     summary = {"photos": names, "base_hash": base, "trainable_parameters": trainable,
                "generator_parameters": base_parameters, "perceptual": perceptual.name,
-               "identity": identity_name(identity), "config": asdict(cfg),
+               "identity": identity_label, "config": asdict(cfg),
                "minutes": round((time.time() - t0) / 60, 2)}
     with atomic_dir(out) as tmp:
         if cfg.full_finetune:
