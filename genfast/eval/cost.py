@@ -17,14 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-
-def denoiser_of(pipe) -> torch.nn.Module:
-    """The module a diffusers pipeline calls once per step (UNet or transformer)."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise TypeError(f"{type(pipe).__name__} has no `unet` or `transformer`: not a diffusion pipeline genfast can time")
+from ..pipelines import denoiser_of
 
 
 class _DenoiserClock:
