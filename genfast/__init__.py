@@ -2,6 +2,8 @@
 
 from .api import Handle, accelerate, list_methods
 from .models import load_evaluator, load_mini
+from .quant import QuantConfig, quantize
 
 __version__ = "0.1.0"
-__all__ = ["Handle", "__version__", "accelerate", "list_methods", "load_evaluator", "load_mini"]
+__all__ = ["Handle", "QuantConfig", "__version__", "accelerate", "list_methods", "load_evaluator", "load_mini",
+           "quantize"]

@@ -246,3 +246,53 @@ def test_config_normalises_lists():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FeatureInheritanceConfig(level="unit", units=["attn1"])
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(num_full_steps=4), "num_full_steps applies to schedule 'nonuniform' or 'calibrated' only"),
+        (dict(schedule="list", full_steps=(0, 3), interval=2), "interval applies to schedule"),
+        (dict(center=0.5), "center applies to schedule 'nonuniform'"),
+        (dict(schedule="calibrated", power=2.0), "power applies to schedule 'nonuniform'"),
+        (dict(level="block", branch=1), "branch applies to level='layer'"),
+        (dict(level="unit", branch_units=("ff",)), "branch_units applies to level='layer'"),
+        (dict(level="layer", blocks=("mid_block",)), "blocks applies to level='block'"),
+        (dict(level="block", units=("ff",)), "units applies to level='unit'"),
+        (dict(schedule="nonuniform", interval=2, num_full_steps=4), "not both"),
+        (dict(schedule="uniform", full_steps=(0, 2)), None),  # full_steps alone selects the list schedule
+    ],
+    ids=str,
+)
+def test_options_that_would_do_nothing_are_refused(options, message):
+    if message is None:
+        assert FeatureInheritanceConfig(**options).schedule == "list"
+        return
+    with pytest.raises(ValueError, match=message):
+        FeatureInheritanceConfig(**options)
+
+
+def test_configs_that_do_the_same_work_are_equal():
+    """A sweep can tell two rows apart only by what they do: defaults are filled in where they matter."""
+    assert FeatureInheritanceConfig() == FeatureInheritanceConfig(interval=3, branch=0)
+    assert FeatureInheritanceConfig(level="block") == FeatureInheritanceConfig(level="block", interval=3)
+    assert FeatureInheritanceConfig(schedule="nonuniform") == FeatureInheritanceConfig(
+        schedule="nonuniform", center=0.3, power=1.4, interval=3)
+    assert FeatureInheritanceConfig(schedule="nonuniform", num_full_steps=4).interval is None
+    assert FeatureInheritanceConfig() != FeatureInheritanceConfig(interval=2)
+
+
+def test_dit_blocks_take_several_spans(pipes):
+    pipe = pipes["dit"]
+    with genfast.accelerate(pipe, "feature_inheritance", level="block", blocks="0:2") as one:
+        whole = run(pipe, "dit")
+    with genfast.accelerate(pipe, "feature_inheritance", level="block", blocks=("0:1", "1:2")) as two:
+        split = run(pipe, "dit")
+    with genfast.accelerate(pipe, "feature_inheritance", level="block", blocks="0:1"):
+        first = run(pipe, "dit")
+    assert np.array_equal(whole, split), "two spans covering blocks 0 and 1 reuse what 0:2 reuses"
+    assert len(one.modules) == len(two.modules) == 3  # the transformer and its two blocks
+    assert not np.array_equal(whole, first), "the second span is not ignored"
+    with pytest.raises(ValueError, match="overlap"):
+        genfast.accelerate(pipe, "feature_inheritance", level="block", blocks=("0:2", "1:3"))
+    assert hook_leftovers(pipe) == []

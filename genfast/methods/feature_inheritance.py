@@ -21,7 +21,7 @@ accumulated change is largest). Steps are counted as denoiser calls since the pi
 last `scheduler.set_timesteps`, never looked up by timestep value, so schedulers that repeat
 timesteps (Heun) and img2img's shortened schedules count right.
 
-Everything is attached as diffusers `ModelHook`s through `HookRegistry`; `remove()` detaches
+Everything is attached as diffusers `ModelHook`s (genfast.hooks); `remove()` detaches
 them and deletes what the registry left on the modules, so the pipeline is exactly as before.
 """
 
@@ -32,11 +32,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 
-from ..api import Handle, register_method
+from ..api import Handle, claim, register_method
+from ..hooks import attach, detach
+from ..pipelines import denoiser_of
 
 HOOK_PREFIX = "genfast_fi"
 LEVELS = ("layer", "block", "unit")
@@ -45,52 +47,84 @@ UNITS = ("attn1", "attn2", "ff", "resnet")
 MIN_STEPS = 5  # pipelines with fewer steps run unaccelerated
 
 
+# which option matters where: given anywhere else it would do nothing, so it is refused
+_LEVEL_OPTIONS = {"branch": "layer", "branch_units": "layer", "blocks": "block", "units": "unit"}
+_SCHEDULE_OPTIONS = {"center": ("nonuniform",), "power": ("nonuniform",), "num_full_steps": ("nonuniform", "calibrated"),
+                     "interval": ("uniform", "nonuniform", "calibrated"), "full_steps": ("list",)}
+_DEFAULTS = dict(interval=3, center=0.3, power=1.4, branch=0, branch_units=(), units=("attn1", "attn2", "ff"))
+
+
 @dataclass
 class FeatureInheritanceConfig:
+    """Options left as None take their default where they matter; one given where it does nothing is an error.
+
+    Defaults: interval 3, center 0.3, power 1.4, branch 0, branch_units (), units attn1+attn2+ff,
+    blocks: the deepest down block, the mid block and the first up block (UNet) or 1:n-1 (DiT).
+    """
+
     level: str = "layer"
     schedule: str = "uniform"
-    interval: int = 3  # uniform: every interval-th step is full; others: same count of full steps
-    num_full_steps: int | None = None  # nonuniform / calibrated: overrides the count from interval
+    interval: int | None = None  # uniform: every interval-th step is full; nonuniform/calibrated: ceil(n/interval) full
+    num_full_steps: int | None = None  # nonuniform / calibrated: the count of full steps, instead of interval
     full_steps: tuple[int, ...] | None = None  # schedule="list": 0-based denoiser-call indices
-    center: float = 0.3  # nonuniform: where full steps crowd, as a fraction of the steps
-    power: float = 1.4  # nonuniform: how strongly they crowd (1 = uniform)
-    branch: int = 0  # layer: down-path units that stay fresh after conv_in
-    branch_units: tuple[str, ...] = ()  # layer: units reused inside the fresh branch too
-    blocks: tuple[str, ...] | None = None  # block: UNet block names, or "start:stop" of a DiT
-    units: tuple[str, ...] = ("attn1", "attn2", "ff")  # unit: which units are reused
+    center: float | None = None  # nonuniform: where full steps crowd, as a fraction of the steps
+    power: float | None = None  # nonuniform: how strongly they crowd (1 = uniform)
+    branch: int | None = None  # layer: down-path units that stay fresh after conv_in
+    branch_units: tuple[str, ...] | None = None  # layer: units reused inside the fresh branch too
+    blocks: tuple[str, ...] | None = None  # block: UNet block names, or "start:stop" spans of a DiT
+    units: tuple[str, ...] | None = None  # unit: which units are reused
 
     def __post_init__(self):
         if self.level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        if self.full_steps is not None and self.schedule == "uniform":
+            self.schedule = "list"  # full_steps alone means the list schedule
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
-        if self.num_full_steps is not None and (not isinstance(self.num_full_steps, int) or self.num_full_steps < 1):
-            raise ValueError(f"num_full_steps must be an integer >= 1, got {self.num_full_steps!r}")
-        if self.schedule == "list" or self.full_steps is not None:
+        for name, level in _LEVEL_OPTIONS.items():
+            if getattr(self, name) is not None and self.level != level:
+                raise ValueError(f"{name} applies to level='{level}' only; with level={self.level!r} it would do "
+                                 f"nothing: drop it or set level='{level}'")
+        for name, schedules in _SCHEDULE_OPTIONS.items():
+            if getattr(self, name) is not None and self.schedule not in schedules:
+                raise ValueError(f"{name} applies to schedule {' or '.join(map(repr, schedules))} only; with "
+                                 f"schedule={self.schedule!r} it would do nothing: drop it")
+        if self.interval is not None and self.num_full_steps is not None:
+            raise ValueError("give interval or num_full_steps, not both: both set the count of full steps")
+        if self.schedule == "list":
             if not self.full_steps:
                 raise ValueError("full_steps must be a non-empty list of step indices >= 0 for schedule='list'")
             self.full_steps = tuple(sorted({int(s) for s in self.full_steps}))
             if self.full_steps[0] < 0:
                 raise ValueError(f"full_steps must be >= 0, got {self.full_steps}")
-            self.schedule = "list"
-        if not 0.0 <= self.center <= 1.0:
+        # the defaults, where they matter: equal configs then mean equal work
+        for name, value in _DEFAULTS.items():
+            applies = _LEVEL_OPTIONS.get(name, self.level) == self.level and \
+                self.schedule in _SCHEDULE_OPTIONS.get(name, SCHEDULES)
+            if applies and getattr(self, name) is None and not (name == "interval" and self.num_full_steps):
+                setattr(self, name, value)
+        if self.interval is not None and (not isinstance(self.interval, int) or self.interval < 1):
+            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
+        if self.num_full_steps is not None and (not isinstance(self.num_full_steps, int) or self.num_full_steps < 1):
+            raise ValueError(f"num_full_steps must be an integer >= 1, got {self.num_full_steps!r}")
+        if self.center is not None and not 0.0 <= self.center <= 1.0:
             raise ValueError(f"center must be in [0, 1] (a fraction of the steps), got {self.center}")
-        if not 0.1 <= self.power <= 10.0:
+        if self.power is not None and not 0.1 <= self.power <= 10.0:
             raise ValueError(f"power must be in [0.1, 10], got {self.power}")
-        if not isinstance(self.branch, int) or self.branch < 0:
+        if self.branch is not None and (not isinstance(self.branch, int) or self.branch < 0):
             raise ValueError(f"branch must be an integer >= 0, got {self.branch!r}")
-        self.branch_units = tuple(self.branch_units)
-        self.units = tuple(self.units)
-        for name, value in (("units", self.units), ("branch_units", self.branch_units)):
-            bad = [u for u in value if u not in UNITS]
+        for name in ("units", "branch_units", "blocks"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
+        for name in ("units", "branch_units"):
+            bad = [u for u in getattr(self, name) or () if u not in UNITS]
             if bad:
                 raise ValueError(f"{name} must be drawn from {UNITS}, got {bad}")
         if self.level == "unit" and not self.units:
             raise ValueError(f"units must name at least one of {UNITS} for level='unit'")
-        if self.blocks is not None:
-            self.blocks = (self.blocks,) if isinstance(self.blocks, str) else tuple(self.blocks)
+        if self.blocks is not None and (not self.blocks or len(set(self.blocks)) != len(self.blocks)):
+            raise ValueError(f"blocks must name each block or span once, got {self.blocks}")
 
 
 # ---------------------------------------------------------------- schedules
@@ -145,13 +179,13 @@ def _top_up(full: set, n: int, count: int):
 
 def full_step_mask(cfg: FeatureInheritanceConfig, n: int, changes: list[float] | None = None) -> list[bool] | None:
     """Which of a call's n denoiser calls run full. None: calibrated, and not measured yet."""
-    count = cfg.num_full_steps or math.ceil(n / cfg.interval)
     if cfg.schedule == "uniform":
         return uniform_schedule(n, cfg.interval)
-    if cfg.schedule == "nonuniform":
-        return nonuniform_schedule(n, count, cfg.center, cfg.power)
     if cfg.schedule == "list":
         return [i == 0 or i in cfg.full_steps for i in range(n)]  # step 0: nothing to reuse yet
+    count = cfg.num_full_steps or math.ceil(n / cfg.interval)
+    if cfg.schedule == "nonuniform":
+        return nonuniform_schedule(n, count, cfg.center, cfg.power)
     return None if changes is None else calibrated_schedule(changes, count)
 
 
@@ -171,6 +205,7 @@ class _StepState:
     changes: list[float] = field(default_factory=list)
     calibration: dict[int, list[float]] = field(default_factory=dict)  # n_calls -> changes
     hooks: list = field(default_factory=list)
+    follow: object = None  # called before every denoiser call: picks up a swapped scheduler
     counts: dict[str, int] = field(default_factory=lambda: {"full": 0, "partial": 0})
 
     def reset(self):
@@ -185,12 +220,10 @@ class _StepState:
     def begin_call(self):
         """First denoiser call after a reset: size the schedule for this pipeline call."""
         sched = self.pipe.scheduler
-        # SD-family pipelines record the length of the loop they are in (img2img's shortened
-        # one included); otherwise count the scheduler's timesteps from its begin index
-        n = getattr(self.pipe, "_num_timesteps", None)
-        if not n:
-            n = len(sched.timesteps) - (getattr(sched, "begin_index", None) or 0)
-        n = max(int(n), 1)
+        # counted on the scheduler, which pipelines built from the same components share (the
+        # pipeline's own `_num_timesteps` would be the accelerated pipeline's, not the caller's);
+        # img2img's shortened loop starts at the scheduler's begin index
+        n = max(len(sched.timesteps) - (getattr(sched, "begin_index", None) or 0), 1)
         self.n_calls = n
         order = getattr(sched, "order", 1) or 1
         cfg = self.config
@@ -225,6 +258,7 @@ class _StepHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         s = self.state
+        s.follow()
         if s.n_calls is None:
             s.begin_call()
         s.full = s.full_mask[s.index] if s.index < len(s.full_mask) else True
@@ -400,15 +434,19 @@ def _unet_block_plan(unet, cfg: FeatureInheritanceConfig):
 def _dit_block_plan(transformer, cfg: FeatureInheritanceConfig):
     blocks = transformer.transformer_blocks
     n = len(blocks)
-    spec = (cfg.blocks or (f"1:{n - 1}",))[0]
-    try:
-        start, stop = (int(x) if x else None for x in spec.split(":"))
-        chosen = list(range(n))[slice(start, stop)]
-    except ValueError:
-        raise ValueError(f"blocks must be 'start:stop' over the {n} transformer blocks, got {spec!r}") from None
-    if not chosen:
-        raise ValueError(f"blocks={spec!r} selects none of the {n} transformer blocks")
-    return [(blocks[i], "residual") for i in chosen]
+    chosen: list[int] = []
+    for spec in cfg.blocks or (f"1:{n - 1}",):
+        try:
+            start, stop = (int(x) if x else None for x in spec.split(":"))
+            span = list(range(n))[slice(start, stop)]
+        except ValueError:
+            raise ValueError(f"blocks must be 'start:stop' spans over the {n} transformer blocks, got {spec!r}") from None
+        if not span:
+            raise ValueError(f"blocks={spec!r} selects none of the {n} transformer blocks")
+        if set(span) & set(chosen):
+            raise ValueError(f"blocks spans {cfg.blocks} overlap: name each transformer block once")
+        chosen += span
+    return [(blocks[i], "residual") for i in sorted(chosen)]
 
 
 def _unit_plan(denoiser, cfg: FeatureInheritanceConfig):
@@ -419,12 +457,14 @@ def _unit_plan(denoiser, cfg: FeatureInheritanceConfig):
 
 
 def _denoiser(pipe):
-    unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        return unet, "unet"
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None and hasattr(transformer, "transformer_blocks"):
-        return transformer, "dit"
+    try:
+        denoiser = denoiser_of(pipe)
+    except TypeError:
+        denoiser = None
+    if hasattr(denoiser, "down_blocks"):
+        return denoiser, "unet"
+    if hasattr(denoiser, "transformer_blocks"):
+        return denoiser, "dit"
     raise TypeError(
         f"feature_inheritance serves diffusers pipelines with a UNet2DConditionModel (`pipe.unet`: SD 1.x/2.x, "
         f"SDXL, img2img, inpaint, ControlNet) or a DiT/PixArt-style transformer (`pipe.transformer` with "
@@ -457,51 +497,55 @@ def _plan(pipe, cfg):
 
 # ---------------------------------------------------------------- apply / remove
 
-def _attach(module, hook, name):
-    had_registry = hasattr(module, "_diffusers_hook")
-    had_forward = "forward" in module.__dict__
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-    return module, name, had_registry, had_forward
-
-
-def _detach(module, name, had_registry, had_forward):
-    registry = module._diffusers_hook
-    registry.remove_hook(name, recurse=False)
-    if not had_registry and not registry.hooks:
-        del module._diffusers_hook
-    if not had_forward and "forward" in module.__dict__:
-        del module.forward
-
-
 class _SchedulerReset:
     """Resets the step state whenever the pipeline sets its scheduler's timesteps, which every
-    diffusers pipeline does once at the start of a call; the bound method is restored on remove."""
+    diffusers pipeline does once at the start of a call; the bound method is restored on remove.
+
+    A scheduler swapped in after accelerate() (`pipe.scheduler = X.from_config(...)`) is followed:
+    the denoiser's first call after the swap moves the wrapper to it and starts the count afresh.
+    """
 
     def __init__(self, pipe, state):
         self.pipe = pipe
         self.state = state
-        self.scheduler = pipe.scheduler
-        self.original = self.scheduler.set_timesteps
-        had = "set_timesteps" in self.scheduler.__dict__
-        self.had_own = had
+        self.scheduler = None
+        self.follow()
+
+    def follow(self):
+        scheduler = self.pipe.scheduler
+        if scheduler is self.scheduler:
+            return
+        self.undo()
+        self.state.reset()
+        self.scheduler = scheduler
+        self.had_own = "set_timesteps" in scheduler.__dict__
+        self.original = original = scheduler.set_timesteps
 
         def set_timesteps(*args, **kwargs):
             self.state.reset()
-            return self.original(*args, **kwargs)
+            return original(*args, **kwargs)
 
-        self.scheduler.set_timesteps = set_timesteps
+        scheduler.set_timesteps = set_timesteps
 
     def undo(self):
+        if self.scheduler is None:
+            return
         if self.had_own:
             self.scheduler.set_timesteps = self.original
         else:
             del self.scheduler.set_timesteps
+        self.scheduler = None
 
 
 class FeatureInheritanceHandle(Handle):
-    def __init__(self, pipe, config, state, undo):
-        super().__init__(pipe, "feature_inheritance", config, undo)
+    def __init__(self, pipe, config, state, undo, modules):
+        super().__init__(pipe, "feature_inheritance", config, undo, modules)
         self.state = state
+
+    def prepare(self, **call_kwargs) -> None:
+        """The calibrated schedule measures on one call with these arguments; other schedules need nothing."""
+        if self.config.schedule == "calibrated":
+            self.calibrate(**call_kwargs)
 
     @property
     def stats(self) -> dict:
@@ -527,16 +571,19 @@ class FeatureInheritanceHandle(Handle):
                  "training-free step skipping: reuse block / layer / unit features between steps")
 def apply(pipe, config: FeatureInheritanceConfig) -> FeatureInheritanceHandle:
     denoiser, plan = _plan(pipe, config)
+    modules = [denoiser] + [module for module, _ in plan]
+    claim("feature_inheritance", modules)
     state = _StepState(pipe, config)
-    attached = [_attach(denoiser, _StepHook(state), f"{HOOK_PREFIX}_step")]
+    attached = [attach(denoiser, _StepHook(state), f"{HOOK_PREFIX}_step")]
     for k, (module, mode) in enumerate(plan):
-        attached.append(_attach(module, _ReuseHook(state, mode), f"{HOOK_PREFIX}_{k}"))
+        attached.append(attach(module, _ReuseHook(state, mode), f"{HOOK_PREFIX}_{k}"))
     reset = _SchedulerReset(pipe, state)
+    state.follow = reset.follow
 
     def undo():
         reset.undo()
         for entry in reversed(attached):
-            _detach(*entry)
+            detach(*entry)
         state.reset()
 
-    return FeatureInheritanceHandle(pipe, config, state, undo)
+    return FeatureInheritanceHandle(pipe, config, state, undo, modules)
