@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from genfast.cli_gan3d import add_convert_eg3d_parser, cmd_convert_eg3d
 from genfast.gan3d import (
     TriPlaneConfig,
     UnsafePickleError,
@@ -27,7 +28,6 @@ from genfast.gan3d import (
     load_generator,
     parameter_counts,
 )
-from genfast.gan3d.cli import add_convert_eg3d_parser, cmd_convert_eg3d
 from genfast.gan3d.generator import FFHQ512_PARAMETER_COUNTS
 from genfast.gan3d.loader import CONFIG_NAME, WEIGHTS_NAME
 from genfast.gan3d.networks import modulated_conv2d
@@ -225,7 +225,6 @@ def test_ffhq512_has_eg3d_parameter_counts():
     with torch.device("meta"):
         G = build_generator(eg3d_ffhq512_config())
     counts = parameter_counts(G)
-    print("FFHQ-512 parameter counts:", counts)
     assert counts == FFHQ512_PARAMETER_COUNTS
     assert counts["total"] == 30_662_136
     keys = set(G.state_dict())
