@@ -10,7 +10,6 @@ Different methods stack on one pipeline; `remove()` takes one off and the rest k
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -20,9 +19,12 @@ import torch
 VERBS = {"accelerate": "accelerated", "quantize": "quantized", "assemble": "assembled"}
 
 _METHODS: dict[str, MethodSpec] = {}
-# module -> {method name: active handle}; weak, so a dropped pipeline takes its records with it
-_ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Handle]] = weakref.WeakKeyDictionary()
+_RECORDS = "_genfast_handles"  # on each changed module: {method name: active handle}; gone when empty
 _ORDER = itertools.count()
+
+
+def _records(module: torch.nn.Module) -> dict[str, Handle]:
+    return module.__dict__.get(_RECORDS, {})
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class Handle:
         self.order = next(_ORDER)
         claim(method, self.modules)
         for module in self.modules:
-            _ACTIVE.setdefault(module, {})[method] = self
+            module.__dict__.setdefault(_RECORDS, {})[method] = self
 
     @property
     def verb(self) -> str:
@@ -88,7 +90,7 @@ class Handle:
         return spec.verb if spec else "accelerate"
 
     def _later_on_same_modules(self) -> list[Handle]:
-        later = {h for m in self.modules for h in _ACTIVE.get(m, {}).values() if h.order > self.order}
+        later = {h for m in self.modules for h in _records(m).values() if h.order > self.order}
         return sorted(later, key=lambda h: -h.order)
 
     def remove(self) -> None:
@@ -102,11 +104,11 @@ class Handle:
             )
         self._undo()
         for module in self.modules:
-            records = _ACTIVE.get(module)
-            if records is not None and records.get(self.method) is self:
+            records = _records(module)
+            if records.get(self.method) is self:
                 del records[self.method]
                 if not records:
-                    del _ACTIVE[module]
+                    del module.__dict__[_RECORDS]
         self.removed = True
 
     def prepare(self, **call_kwargs) -> None:
@@ -131,13 +133,13 @@ class Handle:
 
 def handles_on(module: torch.nn.Module) -> dict[str, Handle]:
     """The active handles recorded on a module, by method."""
-    return dict(_ACTIVE.get(module, {}))
+    return dict(_records(module))
 
 
 def claim(method: str, modules: Iterable[torch.nn.Module]) -> None:
     """Raise if any of `modules` already carries `method`; methods call this before changing anything."""
     for module in modules:
-        other = _ACTIVE.get(module, {}).get(method)
+        other = _records(module).get(method)
         if other is not None:
             target = type(other.target).__name__
             raise RuntimeError(

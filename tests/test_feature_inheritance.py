@@ -42,7 +42,7 @@ def hook_leftovers(pipe):
         if model is None:
             continue
         for mod_name, mod in model.named_modules():
-            if hasattr(mod, "_diffusers_hook") or "forward" in mod.__dict__:
+            if hasattr(mod, "_diffusers_hook") or "forward" in mod.__dict__ or "_genfast_handles" in mod.__dict__:
                 left.append(f"{name}.{mod_name}")
     if "set_timesteps" in pipe.scheduler.__dict__:
         left.append("scheduler.set_timesteps")

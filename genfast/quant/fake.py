@@ -41,7 +41,7 @@ class QuantConfig:
             raise ValueError(f"granularity must be 'channel', 'tensor' or 'group:N' with N >= 2, "
                              f"got {self.granularity!r}")
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")  # noqa: TRY004 (configs raise ValueError)
         self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
 
     @property
