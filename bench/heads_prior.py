@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from genfast.data.heads import render_views, sample_identity
 from genfast.eval.faithfulness import faithfulness
 from genfast.gan3d.video import map_z
-from genfast.training.heads import load_heads_prior, reconstruction_loss
+from genfast.models import load_heads_prior
+from genfast.training.heads import reconstruction_loss
 
 YAWS = (-0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6)
 

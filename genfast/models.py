@@ -1,4 +1,4 @@
-"""The embedded default models in assets/: genfast-mini and its evaluator.
+"""The embedded default models in assets/: genfast-mini, its evaluator, the 3D heads prior.
 
 They ship with the repository and load offline. `GENFAST_ASSETS` points elsewhere (a copy
 next to an installed package, say).
@@ -16,6 +16,7 @@ MINI = "genfast-mini"
 EVALUATOR = "genfast-evaluator"
 HEADS = "genfast-heads"
 IDENTITY = "genfast-identity"
+LATENTS_NAME = "latents.safetensors"  # the heads prior's training identities' z, next to its model
 _REBUILT_BY = {MINI: "genfast train-mini", EVALUATOR: "genfast train-mini", HEADS: "genfast train-heads",
                IDENTITY: "genfast train-heads"}
 
@@ -54,3 +55,17 @@ def load_evaluator(device: str | torch.device = "cpu"):
     from .eval.classifier import AttributeClassifier
 
     return AttributeClassifier.from_pretrained(asset_path(EVALUATOR)).to(device).eval()
+
+
+def load_heads_prior(path: str | os.PathLike | None = None):
+    """(TriPlaneGenerator, z): the embedded heads prior (or a train-heads folder at `path`) and its
+    training identities' latents (empty when the folder has none)."""
+    from safetensors.torch import load_file
+
+    from .gan3d.loader import load_converted
+
+    path = Path(path) if path is not None else asset_path(HEADS)
+    G = load_converted(path).eval().requires_grad_(False)
+    latents = path / LATENTS_NAME
+    z = load_file(str(latents))["z"] if latents.is_file() else torch.empty(0, G.z_dim)
+    return G, z

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from PIL import Image
+from planted import assert_planted_pickles_refused
+from safetensors.torch import load_file
 
 from genfast.cli import main
 from genfast.gan3d.cameras import flip_yaw
 from genfast.gan3d.video import map_z
-from genfast.training.heads import HeadsRecipe, _batch, load_heads_prior, train_heads
+from genfast.models import load_heads_prior
+from genfast.training.heads import HeadsRecipe, _batch, train_heads
 
 TINY = HeadsRecipe.tiny()
 
@@ -61,7 +65,7 @@ def test_batches_are_a_function_of_the_step_and_mirror_consistently(prior):
     assert 0 < plain < len(ids)
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_uninterrupted_prior(prior, tmp_path, monkeypatch):
     from genfast.training import heads
 
     real_batch = heads._batch
@@ -76,10 +80,72 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         train_heads(tmp_path / "out", tmp_path / "work", TINY, log=lambda line: None)
     assert not (tmp_path / "out").exists()  # nothing half-written
     monkeypatch.setattr(heads, "_batch", real_batch)
+    assert_planted_pickles_refused(
+        tmp_path / "work" / "checkpoints",
+        lambda: train_heads(tmp_path / "out", tmp_path / "work", TINY, log=lambda line: None), tmp_path)
     logs = []
     train_heads(tmp_path / "out", tmp_path / "work", TINY, log=logs.append)
     assert any("resumed at step 3" in line for line in logs), logs
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    for name in ("model.safetensors", "latents.safetensors"):
+        straight, resumed = load_file(prior[0] / "out" / name), load_file(tmp_path / "out" / name)
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (name, key)
+
+
+def test_the_time_budget_writes_a_prior_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    from genfast.training import loop
+
+    clock = iter(range(0, 10_000, 60))  # a minute per reading: the 1.5-minute budget is spent after 2 steps
+    monkeypatch.setattr(loop, "_now", lambda: next(clock))
+    recipe = dataclasses.replace(TINY, max_minutes=1.5)
+    logs = []
+    train_heads(tmp_path / "out", tmp_path / "work", recipe, log=logs.append)
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["steps_done"] == 2
+    assert any("time budget of 1.5 min spent at step 2" in line for line in logs), logs
+    monkeypatch.setattr(loop, "_now", lambda: 0.0)
+    train_heads(tmp_path / "out", tmp_path / "work", recipe, log=logs.append)
+    assert any("resumed at step 2" in line for line in logs), logs
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["steps_done"] == TINY.steps
+
+
+def test_a_rerun_with_another_recipe_is_refused(prior):
+    root, _ = prior
+    with pytest.raises(ValueError, match=r"recipe\.lr"):
+        train_heads(root / "other-out", root / "work", dataclasses.replace(TINY, lr=1e-3), log=lambda line: None)
+    assert not (root / "other-out").exists()
+
+
+def test_identity_embedding_resumes_exactly_and_refuses_planted_pickles(prior, tmp_path, monkeypatch):
+    from genfast.training import identity
+
+    images = torch.load(prior[0] / "work" / "data.pt", weights_only=True)["images"]
+    recipe = identity.IdentityRecipe(steps=4, batch_size=4, ckpt_every=2)
+    straight = identity.train_identity_encoder(images, tmp_path / "a", recipe, log=lambda line: None)
+
+    real_batch = identity._batch
+
+    def interrupted(images, step, recipe):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_batch(images, step, recipe)
+
+    monkeypatch.setattr(identity, "_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        identity.train_identity_encoder(images, tmp_path / "b", recipe, log=lambda line: None)
+    monkeypatch.setattr(identity, "_batch", real_batch)
+
+    def rerun():
+        return identity.train_identity_encoder(images, tmp_path / "b", recipe, log=logs.append)
+
+    logs = []
+    assert_planted_pickles_refused(tmp_path / "b" / "checkpoints", rerun, tmp_path)
+    resumed = rerun()
+    assert "[identity] resumed at step 2" in logs
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"images\.sha256"):
+        identity.train_identity_encoder(images.flip(0), tmp_path / "b", recipe, log=lambda line: None)
 
 
 def test_render_writes_gif_and_mp4(prior, tmp_path, capsys):

@@ -4,19 +4,18 @@ My3DGen's symmetry regulariser compares ArcFace embeddings of a render and of th
 render. ArcFace's weights cannot be fetched here and mean nothing for cartoon heads, so genfast
 trains a small embedding on the synthetic heads themselves: views of one identity (any yaw,
 mirrored or not) map close together, other identities apart (a cosine-margin classifier over the
-training identities, as ArcFace/CosFace train; the classifier is dropped afterwards).
+training identities, as ArcFace/CosFace train; the classifier is dropped afterwards). The training
+lives in genfast.training.identity; this module is the model only.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 EMBED_DIM = 128
 
@@ -44,40 +43,6 @@ class IdentityEncoder(nn.Module):
 def identity_similarity(encoder: IdentityEncoder, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the identities in image batches a and b (N,), images in [-1, 1]."""
     return (encoder(a) * encoder(b)).sum(-1)
-
-
-def train_identity_encoder(images: torch.Tensor, steps: int = 600, batch_size: int = 64, lr: float = 2e-3,
-                           margin: float = 0.2, scale: float = 16.0, seed: int = 0, log=print) -> IdentityEncoder:
-    """Train on uint8 views (identities, views, 3, H, W): a cosine-margin classifier over the identities.
-
-    Views are mirrored at random (a mirrored head is the same person: the symmetry loss relies on
-    that) and shifted by up to 3 pixels, so the embedding keys on the face, not on where it sits.
-    """
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    n_ids, n_views = images.shape[:2]
-    encoder = IdentityEncoder()
-    classes = nn.Parameter(torch.randn(n_ids, EMBED_DIM) * 0.01)
-    opt = torch.optim.AdamW([*encoder.parameters(), classes], lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    t0 = time.time()
-    for _ in (bar := tqdm(range(steps), desc="identity encoder")):
-        ids = torch.randint(n_ids, (batch_size,), generator=g)
-        views = torch.randint(n_views, (batch_size,), generator=g)
-        x = images[ids, views].float() / 127.5 - 1
-        x = torch.where((torch.rand(batch_size, generator=g) < 0.5)[:, None, None, None], x.flip(-1), x)
-        dx, dy = (int(v) for v in torch.randint(-3, 4, (2,), generator=g))
-        x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-        cos = encoder(x) @ F.normalize(classes, dim=-1).T
-        logits = scale * (cos - margin * F.one_hot(ids, n_ids))  # CosFace: the true class must win by a margin
-        loss = F.cross_entropy(logits, ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    log(f"[identity] {steps} steps in {(time.time() - t0) / 60:.1f} min")
-    return encoder.eval().requires_grad_(False)
 
 
 def save_identity_encoder(encoder: IdentityEncoder, path: str | os.PathLike) -> Path:

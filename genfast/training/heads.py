@@ -13,6 +13,7 @@ flip the image horizontally and mirror the camera with `flip_yaw`.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..data.heads import HeadsDataset
@@ -28,9 +28,11 @@ from ..gan3d.cameras import flip_yaw
 from ..gan3d.generator import TriPlaneGenerator, build_generator, eg3d_small_config
 from ..gan3d.video import mapping_camera
 from ..io import atomic_dir
-from .checkpoint import Checkpointer
+from ..models import LATENTS_NAME
+from .checkpoint import sha256_file
+from .loop import LoopConfig, TrainLoop, WorkDirLock
 
-LATENTS_NAME = "latents.safetensors"
+RESUMABLE = ("steps", "max_minutes", "ckpt_every")  # recipe fields a rerun may change and still resume
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class HeadsRecipe:
         for name in ("identities", "views", "resolution", "steps", "batch_size", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be None or > 0, got {self.max_minutes}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
@@ -124,57 +128,47 @@ def train_heads(out_dir: str | Path = "assets/genfast-heads", work_dir: str | Pa
 
     recipe = recipe or HeadsRecipe()
     out_dir, work = Path(out_dir), Path(work_dir)
-    data = _render_data(recipe, work / "data.pt", log)
-    torch.manual_seed(recipe.seed)
-    G = build_generator(heads_prior_config()).train()
-    latents = _Latents(recipe.identities, G.z_dim, recipe.seed)
-    ema = torch.optim.swa_utils.AveragedModel(G, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
-        recipe.ema_decay))
-    opt = torch.optim.Adam([{"params": G.parameters(), "lr": recipe.lr},
-                            {"params": latents.parameters(), "lr": recipe.latent_lr}], betas=recipe.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup))
-    acc = Accelerator()
-    G, latents, opt, sched = acc.prepare(G, latents, opt, sched)
-    acc.register_for_checkpointing(ema)
-    ckpt = Checkpointer(acc, work / "checkpoints")
-    start = ckpt.resume()
-    if start:
-        log(f"[heads] resumed at step {start}")
-    c = mapping_camera(recipe.batch_size)  # frontal: an identity must look the same from every side
-    t0 = time.time()
-    bar = tqdm(range(start, recipe.steps), desc="train heads", initial=start, total=recipe.steps,
-               disable=not acc.is_local_main_process)
-    for step in bar:
-        ids, target, cams = _batch(data, step, recipe)
-        z = latents.z[ids]
-        out = G.synthesis(G.mapping(z, c), cams)
-        rms = z.pow(2).mean(-1)
-        loss = reconstruction_loss(out, target, recipe.raw_weight) + recipe.latent_reg * (rms - 1).pow(2).mean()
-        acc.backward(loss)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update_parameters(G)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        out_of_time = recipe.max_minutes is not None and time.time() - t0 > 60 * recipe.max_minutes
-        if out_of_time and done < recipe.steps:
-            ckpt.save(done)
-            log(f"[heads] time budget of {recipe.max_minutes} min spent at step {done}; writing the prior "
-                f"(rerun with a larger --max-minutes to go on from here)")
-            break
-        if done % recipe.ckpt_every == 0 and done < recipe.steps:
-            ckpt.save(done)
-    else:
-        done = recipe.steps
-    minutes = (time.time() - t0) / 60
-    G_ema: TriPlaneGenerator = ema.module.eval()
-    z = latents.z.detach().cpu().contiguous()
-    set_w_avg(G_ema, z)
-    with atomic_dir(work / "final") as tmp:  # weights first, then the card: a crash leaves no half asset
-        save_converted(G_ema, tmp / "model")
-        save_file({"z": z}, str(tmp / LATENTS_NAME))
-    _publish(work / "final", out_dir, recipe, minutes, done)
+    with WorkDirLock(work) as lock:  # held from the rendering on: two runs would share data.pt
+        data = _render_data(recipe, work / "data.pt", log)
+        torch.manual_seed(recipe.seed)
+        G = build_generator(heads_prior_config()).train()
+        latents = _Latents(recipe.identities, G.z_dim, recipe.seed)
+        opt = torch.optim.Adam([{"params": G.parameters(), "lr": recipe.lr},
+                                {"params": latents.parameters(), "lr": recipe.latent_lr}], betas=recipe.betas)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup))
+        config = LoopConfig(steps=recipe.steps, checkpoint_every=recipe.ckpt_every, max_minutes=recipe.max_minutes,
+                            ema_decay=recipe.ema_decay, desc="train heads")
+        # a longer run or another budget may continue a checkpoint; anything else must match
+        run_info = {"recipe": {k: v for k, v in asdict(recipe).items() if k not in RESUMABLE},
+                    "data_sha256": sha256_file(work / "data.pt")}
+        with TrainLoop(work, config, {"G": G, "latents": latents}, opt, sched, ema=("G",), run_info=run_info,
+                       lock=lock) as loop:
+            start = loop.resume()
+            if start:
+                log(f"[heads] resumed at step {start}")
+            c = mapping_camera(recipe.batch_size)  # frontal: an identity must look the same from every side
+
+            def step_fn(step):
+                ids, target, cams = _batch(data, step, recipe)
+                G, z = loop.models["G"], loop.models["latents"].z[ids]
+                out = G.synthesis(G.mapping(z, c), cams)
+                rms = z.pow(2).mean(-1)
+                return reconstruction_loss(out, target, recipe.raw_weight) + recipe.latent_reg * (rms - 1).pow(2).mean()
+
+            t0 = time.time()
+            finished = loop.run(step_fn)
+            minutes, done = (time.time() - t0) / 60, loop.step
+            if not finished:
+                log(f"[heads] time budget of {recipe.max_minutes} min spent at step {done}; writing the prior "
+                    f"(rerun with a larger --max-minutes to go on from here)")
+            G_ema: TriPlaneGenerator = copy.deepcopy(loop.unwrap("G")).eval()
+            loop.ema_models["G"].copy_to(G_ema.parameters())
+            z = loop.unwrap("latents").z.detach().cpu().contiguous()
+        set_w_avg(G_ema, z)
+        with atomic_dir(work / "final") as tmp:  # weights first, then the card: a crash leaves no half asset
+            save_converted(G_ema, tmp / "model")
+            save_file({"z": z}, str(tmp / LATENTS_NAME))
+        _publish(work / "final", out_dir, recipe, minutes, done)
     log(f"[heads] steps {start}..{done} in {minutes:.1f} min; prior written to {out_dir}")
     return out_dir
 
@@ -199,30 +193,3 @@ def _publish(final: Path, out_dir: Path, recipe: HeadsRecipe, minutes: float, st
             {"recipe": asdict(recipe), "steps_done": steps_done, "minutes_this_run": round(minutes, 1)}, indent=2) + "\n")
         if card_text is not None:
             (tmp / "README.md").write_text(card_text)
-
-
-def train_identity(work_dir: str | Path = ".genfast-train/heads", out_dir: str | Path = "assets/genfast-identity",
-                   steps: int = 600, log=print) -> Path:
-    """The identity embedding (genfast.gan3d.identity) on the prior's rendered training views."""
-    from ..gan3d.identity import save_identity_encoder, train_identity_encoder
-
-    data = Path(work_dir) / "data.pt"
-    if not data.is_file():
-        raise FileNotFoundError(f"{data} is missing: run `genfast train-heads` first (it renders the views)")
-    encoder = train_identity_encoder(torch.load(data, weights_only=True)["images"], steps=steps, log=log)
-    return save_identity_encoder(encoder, out_dir)
-
-
-def load_heads_prior(path: str | Path | None = None) -> tuple[TriPlaneGenerator, torch.Tensor]:
-    """The embedded prior (or one at `path`) and its training identities' latents."""
-    from safetensors.torch import load_file
-
-    from ..gan3d.loader import load_converted
-    from ..models import HEADS, asset_path
-
-    path = Path(path) if path is not None else asset_path(HEADS)
-    G = load_converted(path).eval().requires_grad_(False)
-    latents = path / LATENTS_NAME
-    z = load_file(str(latents))["z"] if latents.is_file() else torch.empty(0, G.z_dim)
-    return G, z
-

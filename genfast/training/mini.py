@@ -20,6 +20,7 @@ Choices that make colour binding learnable on this budget (see the model card):
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import PartialState
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -37,7 +38,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -47,9 +47,11 @@ from ..data.tokenizer import MAX_LENGTH, build_tokenizer_files
 from ..eval.classifier import AttributeClassifier
 from ..eval.prompt_accuracy import HELDOUT_SEED, eval_prompts, prompt_accuracy
 from ..io import atomic_dir, atomic_write_text
-from .checkpoint import Checkpointer
+from .checkpoint import sha256_file
+from .loop import LoopConfig, TrainLoop, WorkDirLock
 
 TRAIN_SEED = 0
+POOL = "latent_pool.safetensors"
 NOISE_SCHEDULE = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -90,6 +92,8 @@ class MiniRecipe:
         for name, value in asdict(self).items():
             if isinstance(value, (int, float)) and value < 0:
                 raise ValueError(f"MiniRecipe.{name} must be >= 0, got {value}")
+        if self.ema_power == 0:
+            raise ValueError("MiniRecipe.ema_power must be > 0 (the EMA warmup's exponent), got 0")
         if self.unet_batch == 0 or self.vae_batch == 0 or self.clf_batch == 0:
             raise ValueError("MiniRecipe batch sizes must be > 0")
 
@@ -149,6 +153,14 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return images + torch.randn(images.shape, generator=gen) * 0.06 * torch.rand(n, 1, 1, 1, generator=gen)
 
 
+def _folder_sha256(path: Path) -> str:
+    """One hash of a folder's files (names and contents)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{file.relative_to(path)}\0{sha256_file(file)}\n".encode())
+    return h.hexdigest()
+
+
 class MiniTrainer:
     def __init__(self, out_dir: str | Path = "assets", work_dir: str | Path = ".genfast-train/mini",
                  recipe: MiniRecipe | None = None, log=print):
@@ -158,7 +170,6 @@ class MiniTrainer:
         self.log = log
         self.mini_dir = self.out / "genfast-mini"
         self.eval_dir = self.out / "genfast-evaluator"
-        self.accelerator = Accelerator()
         self.timings: dict[str, float] = {}
 
     # -- helpers --
@@ -168,41 +179,28 @@ class MiniTrainer:
             return True
         return False
 
-    def _loop(self, name, steps, modules, optimizer, lr_sched, step_fn, ema=None, on_step=None):
-        """The shared resumable loop: prepare, resume, step, checkpoint, progress bar."""
-        # one Accelerator per stage: its checkpoints must hold this stage's objects only, since a
-        # resumed run skips the finished stages and would otherwise load them in a shifted order
-        acc = self.accelerator = Accelerator()
-        prepared = acc.prepare(*modules, optimizer, lr_sched)
-        models = prepared[: len(modules)]
-        if ema is not None:
-            acc.register_for_checkpointing(ema)
-        ckpt = Checkpointer(acc, self.work / name)
-        start = ckpt.resume()
-        if start:
-            self.log(f"[{name}] resumed at step {start}")
-        t0 = time.time()
-        bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
-                   disable=not acc.is_local_main_process)
-        for step in bar:
-            loss = step_fn(step, *models)
-            acc.backward(loss)
-            if acc.sync_gradients:
-                params = [p for m in modules for p in m.parameters()]
-                acc.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step([p for m in modules for p in m.parameters()])
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            done = step + 1
-            if on_step is not None:
-                on_step(done)
-            if self.recipe.ckpt_every and (done % self.recipe.ckpt_every == 0) and done < steps:
-                ckpt.save(done)
-        self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
-        return prepared
+    def _loop(self, name, steps, models: dict, optimizer, lr_sched, step_fn, run_info: dict,
+              ema_decay=None, on_step=None) -> tuple[dict, dict]:
+        """One stage on the shared training loop; its checkpoints live in `<work>/<name>`.
+
+        Returns the trained models and their EMA (diffusers EMAModel), by name."""
+        r = self.recipe
+        config = LoopConfig(steps=steps, checkpoint_every=r.ckpt_every or steps,  # 0: only the last step
+                            ema_decay=ema_decay, ema_power=r.ema_power if ema_decay else None,
+                            max_grad_norm=1.0, desc=name)
+        with TrainLoop(self.work / name, config, models, optimizer, lr_sched,
+                       ema=tuple(models) if ema_decay else (), run_info=run_info) as loop:
+            if start := loop.resume():
+                self.log(f"[{name}] resumed at step {start}")
+            t0 = time.time()
+            loop.run(lambda step: step_fn(step, *loop.models.values()),
+                     None if on_step is None else lambda done: on_step(done, loop.ema_models))
+            self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
+            return {n: loop.unwrap(n) for n in models}, loop.ema_models
+
+    def _inputs(self, *fields: str, **hashes: str) -> dict:
+        """A stage's run record: the recipe fields that shape its weights and its inputs' hashes."""
+        return {"recipe": {f: getattr(self.recipe, f) for f in ("seed", *fields)}, **hashes}
 
     # -- stages --
     def tokenizer(self) -> CLIPTokenizer:
@@ -231,8 +229,9 @@ class MiniTrainer:
             logits = model(x)
             return sum(F.cross_entropy(logits[h], y[:, i]) for i, h in enumerate(heads))
 
-        (model, *_) = self._loop("evaluator", r.clf_steps, [model], opt, sched, step_fn)
-        model = self.accelerator.unwrap_model(model).eval()
+        models, _ = self._loop("evaluator", r.clf_steps, {"model": model}, opt, sched, step_fn,
+                               self._inputs("clf_steps", "clf_batch", "clf_lr"))
+        model = models["model"].eval()
         with atomic_dir(self.eval_dir) as tmp:
             model.save_pretrained(tmp)
         return model
@@ -254,8 +253,9 @@ class MiniTrainer:
             recon = vae.decode(post.sample(torch.Generator().manual_seed(step))).sample
             return F.l1_loss(recon, x) + F.mse_loss(recon, x) + r.vae_kl * post.kl().mean()
 
-        (vae, *_) = self._loop("vae", r.vae_steps, [vae], opt, sched, step_fn)
-        vae = self.accelerator.unwrap_model(vae).eval()
+        models, _ = self._loop("vae", r.vae_steps, {"vae": vae}, opt, sched, step_fn,
+                               self._inputs("vae_steps", "vae_batch", "vae_lr", "vae_kl"))
+        vae = models["vae"].eval()
         # scale latents to unit variance, as SD's 0.18215 does for its autoencoder
         imgs, _, _ = render_batch(512, HELDOUT_SEED)
         with torch.no_grad():
@@ -268,14 +268,14 @@ class MiniTrainer:
     def latent_pool(self, vae: AutoencoderKL):
         """Encode pool_size training images once; the denoiser samples from them."""
         r = self.recipe
-        path = self.work / "latent_pool.safetensors"
+        path = self.work / POOL
         ds = ShapesDataset(r.pool_size, seed=r.seed)
         if path.exists():  # resuming: the scenes are enough, no need to render the images again
             latents = load_file(path)["latents"]
             if len(latents) == r.pool_size:
                 return latents, [ds.scene(i) for i in range(r.pool_size)]
         scenes, images = [], []
-        for i in tqdm(range(r.pool_size), desc="pool: render", disable=not self.accelerator.is_local_main_process):
+        for i in tqdm(range(r.pool_size), desc="pool: render", disable=not PartialState().is_local_main_process):
             image, _, scene = ds.sample(i)
             scenes.append(scene)
             images.append(image)
@@ -283,7 +283,7 @@ class MiniTrainer:
         out = []
         with torch.no_grad():
             for i in tqdm(range(0, len(images), 256), desc="pool: encode",
-                          disable=not self.accelerator.is_local_main_process):
+                          disable=not PartialState().is_local_main_process):
                 x = to_tensor(images[i : i + 256])
                 out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
         latents = torch.cat(out).contiguous()
@@ -303,10 +303,8 @@ class MiniTrainer:
         unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
         noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
         alphas = noise_sched.alphas_cumprod
-        params = list(unet.parameters()) + list(text_encoder.parameters())
-        opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=1e-2)
+        opt = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=r.unet_lr, weight_decay=1e-2)
         sched = get_scheduler("cosine", opt, num_warmup_steps=r.unet_warmup, num_training_steps=r.unet_steps)
-        ema = EMAModel(params, use_ema_warmup=True, power=r.ema_power, decay=0.9995)
         style = CaptionStyle()
         log_path = self.work / "denoiser_log.jsonl"
 
@@ -328,7 +326,7 @@ class MiniTrainer:
             per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
             return (weight * per_sample).mean()
 
-        def on_step(done):
+        def on_step(done, ema):
             if r.eval_every and done % r.eval_every == 0:
                 acc = self._quick_eval(tokenizer, vae, unet, text_encoder, ema, evaluator)
                 self.log(f"[denoiser] step {done}: prompt accuracy {acc}")
@@ -337,11 +335,14 @@ class MiniTrainer:
 
         unet.train()
         text_encoder.train()
-        unet, text_encoder, *_ = self._loop("denoiser", r.unet_steps, [unet, text_encoder], opt, sched,
-                                            step_fn, ema=ema, on_step=on_step)
-        unet = self.accelerator.unwrap_model(unet)
-        text_encoder = self.accelerator.unwrap_model(text_encoder)
-        ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
+        inputs = self._inputs("pool_size", "unet_steps", "unet_batch", "unet_lr", "unet_warmup", "min_snr_gamma",
+                              "p_uncond", "ema_power", latent_pool_sha256=sha256_file(self.work / POOL),
+                              tokenizer_sha256=_folder_sha256(self.mini_dir / "tokenizer"))
+        models, ema = self._loop("denoiser", r.unet_steps, {"unet": unet, "text_encoder": text_encoder}, opt, sched,
+                                 step_fn, inputs, ema_decay=0.9995, on_step=on_step)
+        unet, text_encoder = models["unet"], models["text_encoder"]
+        ema["unet"].copy_to(unet.parameters())
+        ema["text_encoder"].copy_to(text_encoder.parameters())
         pipe = self._pipeline(tokenizer, vae, unet.eval(), text_encoder.eval())
         return pipe
 
@@ -356,9 +357,9 @@ class MiniTrainer:
     @torch.no_grad()
     def _quick_eval(self, tokenizer, vae, unet, text_encoder, ema, evaluator, n=64) -> dict:
         """Prompt accuracy of the EMA weights on n held-out prompts (20 steps, guidance 5)."""
-        u, te = copy.deepcopy(self.accelerator.unwrap_model(unet)), copy.deepcopy(
-            self.accelerator.unwrap_model(text_encoder))
-        ema.copy_to(list(u.parameters()) + list(te.parameters()))
+        u, te = copy.deepcopy(unet), copy.deepcopy(text_encoder)  # the raw modules, not accelerate's wrappers
+        ema["unet"].copy_to(u.parameters())
+        ema["text_encoder"].copy_to(te.parameters())
         pipe = self._pipeline(tokenizer, vae, u.eval(), te.eval())
         pipe.set_progress_bar_config(disable=True)
         prompts = eval_prompts(n)
@@ -389,11 +390,12 @@ class MiniTrainer:
 
     def run(self) -> Path:
         t0 = time.time()
-        tokenizer = self.tokenizer()
-        evaluator = self.evaluator()
-        vae = self.vae()
-        pipe = self.denoiser(tokenizer, vae, evaluator)
-        self.save_pipeline(pipe)
+        with WorkDirLock(self.work):  # the stages share the latent pool and the output folders
+            tokenizer = self.tokenizer()
+            evaluator = self.evaluator()
+            vae = self.vae()
+            pipe = self.denoiser(tokenizer, vae, evaluator)
+            self.save_pipeline(pipe)
         self.log(f"train-mini finished in {(time.time() - t0) / 60:.1f} min; "
                  f"stage minutes: { {k: round(v / 60, 1) for k, v in self.timings.items()} }")
         return self.mini_dir
