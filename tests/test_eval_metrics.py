@@ -15,7 +15,7 @@ from PIL import Image
 from genfast.data.shapes import render_batch
 from genfast.eval import fid as gfid
 from genfast.eval import lpips_metric
-from genfast.eval.fid import MiniFeatureExtractor, fid_folders, kid_folders, save_images
+from genfast.eval.fid import FeatureSpace, MiniFeatureExtractor, fid_folders, kid_folders, save_images
 from genfast.eval.lpips_metric import LPIPSMetric, lpips_available
 
 N_IMAGES = 128
@@ -90,6 +90,17 @@ def test_fid_matches_cleanfid_called_directly(folders, extractor, fid_by_noise):
         num_workers=0, device=torch.device("cpu"), verbose=False, use_dataparallel=False,
     )
     assert abs(ours - direct) / abs(direct) < 1e-6
+
+
+def test_features_computed_once_give_the_same_fid_as_each_call_alone(folders, fid_by_noise):
+    # what `genfast compare` does: one network, the reference's features reused against every set
+    space = FeatureSpace("mini-features", batch_size=64)
+    clean = space.features(folders["clean"])
+    for sigma in NOISE_LEVELS:
+        result = space.fid(clean, space.features(folders[sigma]))
+        assert result["value"] == fid_by_noise[sigma] and result["name"] == "FID[mini-features]"
+    noisy = space.features(folders[24])
+    assert space.kid(clean, noisy, seed=3) == kid_folders(folders["clean"], folders[24], seed=3)
 
 
 # ---------------------------------------------------------------- KID

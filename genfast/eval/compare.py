@@ -1,9 +1,12 @@
 """`genfast compare`: the baseline and each variant on the same prompts and seeds, side by side.
 
-Per variant it measures speed (median latency of the pipeline call and of the denoising loop,
-denoiser calls, peak memory) and quality (FID in a named feature space, faithfulness to the
-baseline's images, prompt accuracy on genfast-mini), then writes report.json, report.md,
-grid.png and pareto.png.
+A variant is a recipe (variants.py): a registered method, a chain of methods applied to the
+baseline pipeline, or a pipeline folder on disk loaded like the baseline. Per variant it measures
+speed (median latency of the pipeline call and of the denoising loop, denoiser calls, and peak
+memory in an untimed call of its own) and quality (FID in a named feature space, faithfulness to
+the baseline's images, prompt accuracy on genfast-mini), then writes report.json, report.md,
+grid.png and pareto.png. The judges (FID feature network, LPIPS, the evaluator) are built once
+per run on the run's device, and each image folder's FID features are computed once.
 
 Under `accelerate launch` the images are shared out over the processes in whole batches (image i
 always has seed + i and sits in the same batch), gathered on the main process, and measured there;
@@ -12,6 +15,7 @@ the main process alone runs the timed calls while the others wait, so timings ar
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 from dataclasses import dataclass, field
@@ -83,7 +87,7 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class _Generator:
-    """Runs the pipeline on batches of the image list: image i has prompt i and seed + i."""
+    """Runs a pipeline on batches of the image list: image i has prompt i and seed + i."""
 
     def __init__(self, pipe, prompts: list[str], settings: CompareSettings):
         self.pipe, self.prompts, self.s = pipe, prompts, settings
@@ -103,37 +107,74 @@ class _Generator:
     def call(self, batch: list[int]):
         return lambda: self.pipe(**self.kwargs(batch)).images
 
-
-def _apply(pipe, variant: Variant):
-    if variant.method is None:
-        return None
-    import genfast
-
-    return genfast.accelerate(pipe, variant.method, **variant.options)
+    def on(self, pipe) -> _Generator:
+        """The same prompts, seeds and batches on another pipeline (a --pipeline-variant folder)."""
+        return _Generator(pipe, self.prompts, self.s)
 
 
-def generate_variant(pipe, variant: Variant, gen: _Generator, state, runs: int, progress: bool):
+def apply_recipe(pipe, variant: Variant, call_kwargs: dict) -> list:
+    """Apply a variant's methods left to right, then let each prepare (feature inheritance's calibration
+    call) on `call_kwargs`; the handles, in the order applied. Whatever fails, what was applied comes off."""
+    from ..api import apply_method
+
+    handles = []
+    try:
+        for step in variant.steps:
+            handles.append(apply_method(pipe, step.method, **step.options))
+        # after the whole chain is on: a calibration then sees the pipeline it will be measured on
+        for handle in handles:
+            handle.prepare(**call_kwargs)
+    except BaseException:
+        remove_recipe(handles)
+        raise
+    return handles
+
+
+def remove_recipe(handles: list) -> None:
+    """Take a recipe's handles off in reverse order of application."""
+    for handle in reversed(handles):
+        handle.remove()
+
+
+def _variant_pipeline(variant: Variant, base: _Generator, settings: CompareSettings, device) -> _Generator:
+    """The generator a variant runs on: the baseline pipeline, or its own folder loaded like the baseline."""
+    if variant.folder is None:
+        return base
+    from ..models import load_pipeline
+
+    pipe = load_pipeline(variant.folder, device, getattr(torch, settings.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    return base.on(pipe)
+
+
+def generate_variant(variant: Variant, base: _Generator, settings: CompareSettings, state, progress: bool):
     """(uint8 images of every prompt, CallCost) on the main process; (None, None) on the others."""
     from accelerate.utils import gather_object
 
-    handle = _apply(pipe, variant)
+    gen = _variant_pipeline(variant, base, settings, state.device)
+    handles = []
     try:
-        if getattr(handle, "config", None) is not None and getattr(handle.config, "schedule", None) == "calibrated":
-            # every process calibrates on the same (first) batch, so all of them run one schedule
-            handle.calibrate(**gen.kwargs(gen.batches[0]))
-        mine = gen.batches[state.process_index :: state.num_processes]
-        local = []
-        for batch in tqdm(mine, desc=f"  {variant.name}", leave=False, disable=not progress):
-            local.append((batch[0], _to_uint8(gen.call(batch)())))
-        gathered = gather_object(local) if state.num_processes > 1 else local
-        cost = None
-        if state.is_main_process:
-            # batch 0 was generated above on this process: the timed calls below are warm
-            cost, _ = measure_cost(pipe, gen.call(gen.batches[0]), runs=runs, handle=handle)
-        state.wait_for_everyone()
+        # every process prepares on the same (first) batch, so all of them run one schedule
+        handles = apply_recipe(gen.pipe, variant, gen.kwargs(gen.batches[0]))
+        try:
+            mine = gen.batches[state.process_index :: state.num_processes]
+            local = []
+            for batch in tqdm(mine, desc=f"  {variant.name}", leave=False, disable=not progress):
+                local.append((batch[0], _to_uint8(gen.call(batch)())))
+            gathered = gather_object(local) if state.num_processes > 1 else local
+            cost = None
+            if state.is_main_process:
+                # batch 0 was generated above on this process: the timed calls below are warm
+                cost, _ = measure_cost(gen.pipe, gen.call(gen.batches[0]), runs=settings.runs, handles=handles)
+            state.wait_for_everyone()
+        finally:
+            remove_recipe(handles)
     finally:
-        if handle is not None:
-            handle.remove()
+        if variant.folder is not None:  # a folder's pipeline: free it before the next variant loads
+            gen = handles = None  # handles hold their pipeline too
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if not state.is_main_process:
         return None, None
     images = torch.cat([t for _, t in sorted(gathered, key=lambda item: item[0])])
@@ -145,22 +186,25 @@ def generate_variant(pipe, variant: Variant, gen: _Generator, state, runs: int, 
 
 @dataclass
 class _Judges:
-    """What measures quality, set up once on the main process."""
+    """What measures quality, set up once per run on the main process, on the run's device."""
 
-    feature_space: str
-    inception_weights: str | None
+    features: object  # fid.FeatureSpace: the FID feature network, built once
     lpips: object | None  # LPIPSMetric, or None with the reason in lpips_note
     lpips_note: str
     evaluator: object | None  # the attribute classifier (genfast-mini only)
 
     @classmethod
-    def build(cls, settings: CompareSettings, feature_space: str, mini: bool):
+    def build(cls, settings: CompareSettings, feature_space: str, mini: bool, device):
         from ..models import load_evaluator
+        from .fid import FeatureSpace
         from .lpips_metric import LPIPSMetric, lpips_available
 
         ok, note = lpips_available("alex", settings.lpips_weights)
-        lpips = LPIPSMetric("alex", settings.lpips_weights) if ok else None
-        return cls(feature_space, settings.inception_weights, lpips, note, load_evaluator() if mini else None)
+        lpips = LPIPSMetric("alex", settings.lpips_weights, device=device) if ok else None
+        evaluator = load_evaluator(device) if mini else None
+        # mini-features is the evaluator's embedding: one network serves prompt accuracy and FID
+        features = FeatureSpace(feature_space, settings.inception_weights, device, classifier=evaluator)
+        return cls(features, lpips, note, evaluator)
 
 
 def resolve_feature_space(settings: CompareSettings) -> str:
@@ -176,13 +220,6 @@ def resolve_feature_space(settings: CompareSettings) -> str:
     if settings.feature_space == "inception":
         inception_weights_path(settings.inception_weights)  # raises with the fix when they are missing
     return settings.feature_space
-
-
-def _fid(judges: _Judges, a: Path, b: Path, reference: str) -> dict:
-    from .fid import fid_folders
-
-    result = fid_folders(a, b, feature_space=judges.feature_space, inception_weights=judges.inception_weights)
-    return {**result, "reference": reference}
 
 
 def _quality(images: torch.Tensor, base: torch.Tensor, judges: _Judges, prompts: list[str]) -> dict:
@@ -208,8 +245,11 @@ def _real_images(num_images: int) -> torch.Tensor:
 def _row(variant: Variant, cost: CallCost, base_cost: CallCost, quality: dict, fids: list[dict]) -> dict:
     return {
         "name": variant.name,
-        "method": variant.method,
-        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in variant.options.items()},
+        "kind": variant.kind,  # baseline, method, chain or pipeline
+        "recipe": [{"method": step.method,
+                    "options": {k: list(v) if isinstance(v, tuple) else v for k, v in step.options.items()}}
+                   for step in variant.steps],
+        "pipeline": variant.folder,
         "speedup": base_cost.call_s / cost.call_s,
         "loop_speedup": base_cost.loop_s / cost.loop_s if cost.loop_s else None,
         "latency": cost.to_dict(),
@@ -236,7 +276,7 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
     from .report import write_report
 
     if not variants:
-        raise ValueError("nothing to compare: give at least one --method")
+        raise ValueError("nothing to compare: give at least one --method or --pipeline-variant")
     # cpu=True on a machine without CUDA: only then does accelerate see processes started by
     # `accelerate launch --multi_gpu` (torchrun) there as a multi-CPU group rather than as strangers
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
@@ -251,28 +291,32 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
     # every process checks what could be wrong before any of them starts work, so none waits on a failed one
     feature_space = resolve_feature_space(settings)
     pipe = _load(settings, state.device)
-    judges = _Judges.build(settings, feature_space, mini) if main else None
+    judges = _Judges.build(settings, feature_space, mini, state.device) if main else None
     gen = _Generator(pipe, prompts, settings)
     out = Path(settings.out)
     images, costs = {}, {}
     for variant in tqdm([BASELINE, *variants], desc="compare", disable=not main):
-        imgs, cost = generate_variant(pipe, variant, gen, state, settings.runs, main)
+        imgs, cost = generate_variant(variant, gen, settings, state, main)
         if main:
             images[variant], costs[variant] = imgs, cost
             save_images(imgs, out / "images" / variant.slug)
     if not main:
         return None
+    for variant in variants:  # a folder may hold another model: faithfulness needs images like the baseline's
+        if images[variant].shape != images[BASELINE].shape:
+            raise ValueError(f"{variant.name} makes images of shape {tuple(images[variant].shape[1:])}, the "
+                             f"baseline {tuple(images[BASELINE].shape[1:])}: compare variants of one model")
 
-    real = None
+    # the features of every folder are computed once, by one network, and reused for each FID
+    feats = {v: judges.features.features(out / "images" / v.slug) for v in [BASELINE, *variants]}
+    references = {"baseline": feats[BASELINE]}
     if settings.prompts is None:
-        real = save_images(_real_images(settings.num_images), out / "images" / "real")
-    base_dir = out / "images" / BASELINE.slug
+        references["real"] = judges.features.features(
+            save_images(_real_images(settings.num_images), out / "images" / "real"))
     rows = []
     for variant in tqdm([BASELINE, *variants], desc="measure"):
-        vdir = out / "images" / variant.slug
-        fids = [] if variant is BASELINE else [_fid(judges, vdir, base_dir, "baseline")]
-        if real is not None:
-            fids.append(_fid(judges, vdir, real, "real"))
+        fids = [{**judges.features.fid(feats[variant], ref), "reference": name}
+                for name, ref in references.items() if not (variant is BASELINE and name == "baseline")]
         quality = _quality(images[variant], images[BASELINE], judges, prompts)
         rows.append(_row(variant, costs[variant], costs[BASELINE], quality, fids))
 
@@ -294,7 +338,7 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "feature_space": judges.feature_space,
+        "feature_space": judges.features.name,
         "lpips": {"available": judges.lpips is not None, "note": judges.lpips_note},
         "prompt_accuracy": "attribute classifier (genfast-mini only)" if mini else None,
         "variants": rows,

@@ -96,7 +96,8 @@ class _PeakMemory:
 
 @dataclass
 class CallCost:
-    """Medians over `runs` timed calls (after whatever warm-up the caller ran)."""
+    """Medians over `runs` timed calls (after whatever warm-up the caller ran), and the peak memory
+    of one more call of its own."""
 
     runs: int
     call_s: float  # median seconds of the whole pipeline call
@@ -112,40 +113,49 @@ class CallCost:
         return asdict(self)
 
 
-def measure_cost(pipe, call: Callable[[], object], runs: int = 3, handle=None) -> tuple[CallCost, object]:
-    """Run `call()` (which calls `pipe`) `runs` times; its cost and the last call's output.
+def _full_calls(handles) -> dict | None:
+    """The full-call counter of the first handle that keeps one (feature inheritance does), else None."""
+    for handle in handles:
+        stats = handle.stats
+        if "full" in stats:
+            return stats
+    return None
 
-    Warm the pipeline up beforehand: the first call of a process pays for allocations that
-    are no part of the method's cost. `handle` (a genfast Handle) supplies full/partial counts.
+
+def measure_cost(pipe, call: Callable[[], object], runs: int = 3, handles=()) -> tuple[CallCost, object]:
+    """Run `call()` (which calls `pipe`) `runs` times, timed, then once more for peak memory; its cost
+    and the last timed call's output.
+
+    Warm the pipeline up beforehand: the first call of a process pays for allocations that are no
+    part of the method's cost. Peak memory is taken in a call of its own, never during a timed one:
+    on the CPU a sampling thread competes with the pipeline for cores and would slow the call it
+    watches. `handles` (genfast Handles on the pipeline) supply full/partial counts.
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     module = denoiser_of(pipe)
     device = next(module.parameters()).device
-    calls, loops, counts, fulls, peaks = [], [], [], [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    calls, loops, counts, fulls = [], [], [], []
     out = None
-    peak_kind = ""
     for _ in range(runs):
-        before = dict(handle.stats) if handle is not None else {}
+        before = _full_calls(handles)
         clock = _DenoiserClock(module)
         try:
-            with _PeakMemory(device) as mem:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = call()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t1 = time.perf_counter()
+            sync()
+            t0 = time.perf_counter()
+            out = call()
+            sync()
+            t1 = time.perf_counter()
         finally:
             clock.close()
         calls.append(t1 - t0)
         loops.append((clock.end - clock.start) if clock.calls else 0.0)
         counts.append(clock.calls)
-        after = dict(handle.stats) if handle is not None else {}
-        fulls.append(after["full"] - before["full"] if "full" in after else clock.calls)
-        peaks.append(mem.peak)
-        peak_kind = mem.kind
+        after = _full_calls(handles)
+        fulls.append(after["full"] - before["full"] if after is not None else clock.calls)
+    with _PeakMemory(device) as mem:
+        call()
     return CallCost(
         runs=runs,
         call_s=statistics.median(calls),
@@ -154,6 +164,6 @@ def measure_cost(pipe, call: Callable[[], object], runs: int = 3, handle=None) -
         loop_s_all=loops,
         denoiser_calls=counts[-1],
         full_denoiser_calls=fulls[-1],
-        peak_memory_mb=None if peak_kind.startswith("unavailable") else max(peaks) / 2**20,
-        peak_memory_kind=peak_kind,
+        peak_memory_mb=None if mem.kind.startswith("unavailable") else mem.peak / 2**20,
+        peak_memory_kind=mem.kind,
     ), out

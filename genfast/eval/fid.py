@@ -129,14 +129,42 @@ def _check_folder(folder: str | os.PathLike) -> int:
     return n
 
 
-def _extractor(feature_space: str, inception_weights, device: torch.device):
-    """(feature model, custom resize function or None) for a feature space."""
-    if feature_space == "mini-features":
-        model = MiniFeatureExtractor(device=device)
-        return model, mini_resizer(model.image_size)
-    if feature_space == "inception":
-        return load_inception(inception_weights, device), None  # clean mode resizes to 299 itself
-    raise ValueError(f"unknown feature_space {feature_space!r}; choose one of {FEATURE_SPACES}")
+class FeatureSpace:
+    """A feature network built once, and the clean-fid features of folders computed with it.
+
+    `genfast compare` builds one per run on the run's device and reuses each folder's features
+    (the baseline's, the real images') for every FID it reports; fid_folders and kid_folders build
+    one per call. Features come from clean-fid's get_folder_features and FID from its
+    fid_from_feats, so the numbers are exactly what cleanfid.fid.compute_fid gives for two folders.
+    """
+
+    def __init__(self, name: str = "mini-features", inception_weights: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu", batch_size: int = 64, classifier=None):
+        if name not in FEATURE_SPACES:
+            raise ValueError(f"unknown feature_space {name!r}; choose one of {FEATURE_SPACES}")
+        self.name, self.device, self.batch_size = name, torch.device(device), batch_size
+        if name == "mini-features":
+            # `classifier`: an already loaded evaluator (compare shares the one that judges prompts)
+            self.model = MiniFeatureExtractor(classifier, device=self.device)
+            self.resize = mini_resizer(self.model.image_size)
+        else:
+            self.model, self.resize = load_inception(inception_weights, self.device), None  # clean mode resizes to 299
+
+    def features(self, folder: str | os.PathLike) -> np.ndarray:
+        """(N, D) features of every image clean-fid reads from `folder`."""
+        _check_folder(folder)
+        return cfid.get_folder_features(str(folder), self.model, num_workers=0, batch_size=self.batch_size,
+                                        device=self.device, mode=MODE, custom_fn_resize=self.resize, verbose=False)
+
+    def fid(self, feats_a: np.ndarray, feats_b: np.ndarray) -> dict:
+        """FID between two feature sets (clean-fid's statistics and Frechet distance)."""
+        return _report("FID", cfid.fid_from_feats(feats_a, feats_b), self.name, len(feats_a), len(feats_b))
+
+    def kid(self, feats_a: np.ndarray, feats_b: np.ndarray, seed: int = 0) -> dict:
+        """KID between two feature sets (clean-fid's kernel_distance, its subsets drawn with `seed`)."""
+        with _numpy_seed(seed):
+            value = cfid.kernel_distance(feats_a, feats_b)
+        return _report("KID", value, self.name, len(feats_a), len(feats_b))
 
 
 def _report(metric: str, value: float, feature_space: str, n_a: int, n_b: int) -> dict:
@@ -152,15 +180,11 @@ def fid_folders(
     device: str | torch.device = "cpu",
     batch_size: int = 64,
 ) -> dict:
-    """FID between the images in two folders, by cleanfid.fid.compute_fid, in the given feature space."""
-    n_a, n_b = _check_folder(dir_a), _check_folder(dir_b)
-    device = torch.device(device)
-    model, resize = _extractor(feature_space, inception_weights, device)
-    value = cfid.compute_fid(
-        str(dir_a), str(dir_b), mode=MODE, custom_feat_extractor=model, custom_fn_resize=resize,
-        num_workers=0, batch_size=batch_size, device=device, verbose=False, use_dataparallel=False,
-    )
-    return _report("FID", value, feature_space, n_a, n_b)
+    """FID between the images in two folders in the given feature space (what cleanfid.fid.compute_fid gives)."""
+    _check_folder(dir_a)
+    _check_folder(dir_b)
+    space = FeatureSpace(feature_space, inception_weights, device, batch_size)
+    return space.fid(space.features(dir_a), space.features(dir_b))
 
 
 @contextlib.contextmanager
@@ -190,16 +214,8 @@ def kid_folders(
     """
     _check_folder(dir_a)
     _check_folder(dir_b)
-    device = torch.device(device)
-    model, resize = _extractor(feature_space, inception_weights, device)
-    feats = [
-        cfid.get_folder_features(str(d), model, num_workers=0, batch_size=batch_size, device=device, mode=MODE,
-                                 custom_fn_resize=resize, verbose=False)
-        for d in (dir_a, dir_b)
-    ]
-    with _numpy_seed(seed):
-        value = cfid.kernel_distance(feats[0], feats[1])
-    return _report("KID", value, feature_space, len(feats[0]), len(feats[1]))
+    space = FeatureSpace(feature_space, inception_weights, device, batch_size)
+    return space.kid(space.features(dir_a), space.features(dir_b), seed=seed)
 
 
 def _as_pil_list(images) -> list[Image.Image]:

@@ -56,11 +56,16 @@ def markdown(report: dict) -> str:
         (f"- latency: median of {report['timed_runs']} calls of the first batch ({report['batch_size']} images) "
          f"after a warm-up; loop = first to last denoiser call; {report['device']}, {report['dtype']}, torch "
          f"{report['torch']}, {report['cpu_threads']} CPU threads, {report['processes']} process(es)"),
-        f"- peak memory: {report['variants'][0]['latency']['peak_memory_kind']} during a timed call",
+        (f"- peak memory: {report['variants'][0]['latency']['peak_memory_kind']} during one more call of the "
+         f"same batch, after the timed ones and untimed itself"),
         (f"- FID[{report['feature_space']}] on {report['num_images']} images per set (few images make FID noisy "
          f"and biased upwards: compare rows with each other, not with published FIDs)"),
         "- faithfulness (PSNR capped at 100 dB, SSIM, LPIPS) is to the baseline's image at the same prompt and seed",
     ]
+    kinds = {r["kind"] for r in report["variants"]}
+    if kinds & {"chain", "pipeline"}:
+        lines.append("- variants: `a(...) + b(...)` applies a, then b, to the baseline pipeline; `pipeline(DIR)` is "
+                     "the pipeline saved in DIR, loaded like the baseline and run on the same prompts and seeds")
     if not report["lpips"]["available"]:
         lines.append(f"- LPIPS unavailable: {report['lpips']['note']}")
     if report["prompt_accuracy"]:
@@ -73,10 +78,11 @@ def markdown(report: dict) -> str:
 
 
 def _short(row: dict) -> str:
-    """A point label for the plot: the options that tell variants apart, or the name."""
-    if row["method"] is None or not row["options"]:
+    """A point label for the plot: a single method's options (what tells a sweep apart), else the name."""
+    if row["kind"] != "method" or not row["recipe"][0]["options"]:
         return row["name"]
-    return ", ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in row["options"].items())
+    options = row["recipe"][0]["options"]
+    return ", ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items())
 
 
 def write_report(report: dict, images: dict, variants: list, prompts: list[str], out: Path) -> None:
