@@ -33,8 +33,8 @@ from genfast.eval.faithfulness import faithfulness
 from genfast.eval.lpips_metric import LPIPSMetric, lpips_available
 from genfast.gan3d.cameras import ffhq_intrinsics, sample_cameras
 from genfast.gan3d.identity import identity_similarity, load_identity_encoder
-from genfast.gan3d.personalize import PersonalizeConfig, invert, personalize
-from genfast.training.heads import load_heads_prior
+from genfast.models import load_heads_prior
+from genfast.training.personalize import PersonalizeConfig, invert, personalize
 
 NOVEL_YAWS = (-1.0, -0.8, -0.5, -0.25, 0.0, 0.25, 0.5, 0.8, 1.0)
 PROFILE = 0.8

@@ -22,7 +22,7 @@ from genfast.gan3d import lora
 from genfast.gan3d.arcface import ArcFaceIRSE50
 from genfast.gan3d.cameras import ffhq_intrinsics, sample_cameras
 from genfast.gan3d.generator import eg3d_ffhq512
-from genfast.gan3d.personalize import PersonalizeConfig, _recon, _trainable, symmetry_loss
+from genfast.training.personalize import PersonalizeConfig, _recon, _trainable, symmetry_loss
 
 
 def _sync(device):

@@ -69,9 +69,10 @@ def cmd_compare(args) -> int:
     import shlex
 
     from .eval.compare import CompareSettings, run_compare
-    from .eval.variants import parse_method_specs
+    from .eval.variants import parse_variants
 
-    variants = parse_method_specs(args.method or [DEFAULT_COMPARE_METHOD])  # bad specs fail before loading
+    methods = args.method or ([] if args.pipeline_variant else [DEFAULT_COMPARE_METHOD])
+    variants = parse_variants(methods, args.pipeline_variant or [])  # bad specs fail before loading
     prompts = _read_prompts(args) if args.prompts_file else None
     settings = CompareSettings(
         pipeline=args.pipeline, prompts=prompts, num_images=args.num_images, steps=args.steps,
@@ -99,7 +100,8 @@ def cmd_train_mini(args) -> int:
 
 
 def cmd_train_heads(args) -> int:
-    from .training.heads import HeadsRecipe, train_heads, train_identity
+    from .training.heads import HeadsRecipe, train_heads
+    from .training.identity import train_identity
 
     names = {"steps": "steps", "identities": "identities", "max_minutes": "max_minutes"}
     overrides = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
@@ -132,8 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="baseline vs accelerated variants: speed, FID, faithfulness, report")
     c.add_argument("--method", action="append",
-                   help="a method, optionally with option sweeps, e.g. feature_inheritance:interval=2,3,5 "
-                        f"(repeat for several; default: {DEFAULT_COMPARE_METHOD})")
+                   help="a registered method (any verb) with option sweeps, e.g. feature_inheritance:interval=2,3,5, "
+                        "or a chain applied left to right, e.g. quantize:weights=int8+feature_inheritance:interval=3 "
+                        "(a '+' before a method name starts the next method; other '+' join tuple values: "
+                        "branch_units=attn1+attn2). Repeat for several; default, unless --pipeline-variant is "
+                        f"given: {DEFAULT_COMPARE_METHOD}")
+    c.add_argument("--pipeline-variant", action="append", metavar="DIR",
+                   help="a diffusers pipeline folder (an assembled or quantized model) run as a variant, loaded "
+                        "like the baseline and run on the same prompts and seeds (repeat for several)")
     c.add_argument("--pipeline", help="a local diffusers pipeline folder (default: embedded genfast-mini)")
     c.add_argument("--prompts", dest="prompts_file",
                    help="a text file with one prompt per line, cycled to --num-images "
@@ -170,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tiny", action="store_true", help="a few steps on a few heads (smoke test)")
     h.set_defaults(func=cmd_train_heads)
 
-    from .gan3d.cli import add_convert_eg3d_parser, add_personalize_parsers, add_render_parser
+    from .cli_gan3d import add_convert_eg3d_parser, add_personalize_parsers, add_render_parser
 
     add_render_parser(sub)
     add_personalize_parsers(sub)

@@ -229,6 +229,14 @@ def test_save_load_roundtrip_and_base_check(base, trained, tmp_path):
         lora.load_adapter(other, path)
     assert ref_hash in str(err.value) and other_hash in str(err.value)
     assert lora.get_lora_state(other) is None
+    # A hash passed by the caller never stands in for the generator's own: passing the adapter's
+    # recorded hash (the one that would "match") onto another base is still refused.
+    with pytest.raises(ValueError, match=f"base_hash {ref_hash} does not match this generator's base \\({other_hash}\\)"):
+        lora.load_adapter(other, path, base_hash=ref_hash)
+    assert lora.get_lora_state(other) is None
+    with pytest.raises(ValueError, match=f"trained on base generator {ref_hash}"):
+        lora.load_adapter(other, path, base_hash=other_hash)  # the caller's hash is right about G: still refused
+    assert lora.get_lora_state(other) is None
 
     with pytest.raises(ValueError, match="does not match"):
         lora.save_adapter(G, tmp_path / "x", base_hash=other_hash)
@@ -269,18 +277,30 @@ def test_ffhq512_adapter_size_matches_my3dgen():
     assert counts["lora"] <= 0.02 * total and total / counts["lora"] >= 50
 
     Gb, _ = ffhq512_with_lora(1, train_biases=True)
-    with_biases = lora.count_lora_parameters(Gb)
-    print(f"FFHQ-512 rank 1: LoRA {counts['lora']:,}, with train_biases {with_biases:,} "
-          f"({total / with_biases:.0f}x fewer than {total:,}); My3DGen trains {MY3DGEN_TRAINABLE[1]:,}")
-    assert with_biases == MY3DGEN_LORA_R1 + MY3DGEN_BIASES
-    # My3DGen's trainable count = LoRA + biases + const + noise_strength (its implicit extras).
-    assert MY3DGEN_LORA_R1 + MY3DGEN_IMPLICIT == MY3DGEN_TRAINABLE[1]
+    assert lora.count_lora_parameters(Gb) == MY3DGEN_LORA_R1 + MY3DGEN_BIASES
 
     for rank in (2, 4):
         G, _ = ffhq512_with_lora(rank)
         n = lora.count_lora_parameters(G)
         assert n == rank * MY3DGEN_LORA_R1  # every factor is linear in r (conv inner rank r*k)
         assert n == MY3DGEN_TRAINABLE[rank] - MY3DGEN_IMPLICIT
+
+
+def adapter_size_from_shapes(G, rank: int, layout: str) -> int:
+    """The adapter size the module docstring states, from the base's layer shapes alone: a conv
+    (O, I, k, k) costs r*k*(I*k*k + O) ("my3dgen") or r*k*k*(I + O) ("loralib"), an affine (out, in)
+    r*(in + out)."""
+    from genfast.gan3d.networks import SynthesisLayer, ToRGBLayer
+
+    n = 0
+    for part in (G.backbone.synthesis, G.superresolution):
+        for layer in part.modules():
+            if isinstance(layer, (SynthesisLayer, ToRGBLayer)):
+                o, i, k, _ = layer.weight.shape
+                n += rank * k * (i * k * k + o) if layout == "my3dgen" else rank * k * k * (i + o)
+                out_f, in_f = layer.affine.weight.shape
+                n += rank * (in_f + out_f)
+    return n
 
 
 def test_adapter_share_of_each_generator():
@@ -297,16 +317,24 @@ def test_adapter_share_of_each_generator():
         return n, total, full
 
     n, total, full = shares(ffhq512_with_lora(1)[0])
-    assert (n, total) == (MY3DGEN_LORA_R1, 30_662_136) and n <= 0.02 * total and full / n >= 50
+    assert (n, total) == (MY3DGEN_LORA_R1, FFHQ512_PARAMETER_COUNTS["total"]) and n <= 0.02 * total
+    assert full / n >= 50
+    with torch.device("meta"):
+        plain = build_generator(eg3d_ffhq512_config())
+    assert adapter_size_from_shapes(plain, 1, "my3dgen") == MY3DGEN_LORA_R1  # the formula agrees with My3DGen
     n, total, full = shares(ffhq512_with_lora(1, conv_layout="loralib")[0])
-    assert n == 140_262 and full / n >= 50
+    assert n == adapter_size_from_shapes(plain, 1, "loralib") and full / n >= 50
+    assert 0.55 < n / MY3DGEN_LORA_R1 < 0.7  # "~0.6x the conv adapter parameters"
 
     from genfast.training.heads import heads_prior_config
 
-    for layout, expected, fits in (("my3dgen", 43_190, False), ("loralib", 27_734, True)):
+    with torch.device("meta"):
+        plain = build_generator(heads_prior_config())
+    for layout, fits in (("my3dgen", False), ("loralib", True)):
         with torch.device("meta"):
             G = build_generator(heads_prior_config())
             lora.add_lora(G, rank=1, conv_layout=layout)
         n, total, full = shares(G)
-        assert (n, total, full) == (expected, 1_551_556, 1_497_715)
+        assert n == adapter_size_from_shapes(plain, 1, layout)
+        assert total == sum(p.numel() for p in plain.parameters())
         assert (n <= 0.02 * total and full / n >= 50) == fits, (layout, n / total, full / n)

@@ -421,13 +421,18 @@ def read_adapter_config(path: str | Path) -> dict:
 def load_adapter(G: nn.Module, path: str | Path, base_hash: str | None = None) -> LoraState:
     """Attach the adapter saved in folder ``path`` to base G (in place) and return its `LoraState`.
 
-    ``base_hash`` is G's base hash (computed when None); an adapter trained on another base is refused
-    with a ValueError naming both hashes. On any error G is left as it was.
+    G's base hash is always computed from G's own weights, and an adapter trained on another base is
+    refused with a ValueError naming both hashes. ``base_hash``, when given, is what the caller
+    expects G to be: it is checked against G too (as in `save_adapter`), never used in G's place --
+    a caller's hash must not be able to talk the check into accepting a foreign adapter.
+    On any error G is left as it was.
     """
     from safetensors.torch import load_file
 
     config = read_adapter_config(path)
-    actual = base_hash if base_hash is not None else _base_hash(G)
+    actual = _base_hash(G)
+    if base_hash is not None and base_hash != actual:
+        raise ValueError(f"base_hash {base_hash} does not match this generator's base ({actual})")
     if config["base_hash"] != actual:
         raise ValueError(
             f"adapter {path} was trained on base generator {config['base_hash']}, "

@@ -1,15 +1,20 @@
-"""``genfast convert-eg3d PKL OUT``: an official EG3D pickle -> safetensors + config.json, without running its code."""
+"""The 3D commands of `genfast`: convert-eg3d, render, personalize, interpolate.
+
+``genfast convert-eg3d PKL OUT`` turns an official EG3D pickle into safetensors + config.json without
+running its code; personalize/interpolate drive `genfast.training.personalize` (outside `gan3d/`,
+which keeps model code only).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_convert_eg3d_parser", "cmd_convert_eg3d"]
+__all__ = ["add_convert_eg3d_parser", "add_personalize_parsers", "add_render_parser", "cmd_convert_eg3d"]
 
 
 def cmd_convert_eg3d(args: argparse.Namespace) -> int:
-    from .generator import parameter_counts
-    from .loader import CONFIG_NAME, WEIGHTS_NAME, convert_eg3d, load_converted
+    from .gan3d.generator import parameter_counts
+    from .gan3d.loader import CONFIG_NAME, WEIGHTS_NAME, convert_eg3d, load_converted
 
     out = convert_eg3d(args.pkl, args.out)
     G = load_converted(out)  # read back: the folder on disk is what later commands will load
@@ -43,14 +48,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .video import VIDEO_FORMATS, map_z, render_orbit, write_video
+    from .gan3d.video import VIDEO_FORMATS, map_z, render_orbit, write_video
 
     bad = [o for o in args.out if Path(o).suffix.lower() not in VIDEO_FORMATS]
     if bad:  # before minutes of rendering
         raise ValueError(f"cannot write {bad[0]}: give a file name ending in {' or '.join(VIDEO_FORMATS)}")
     G, train_z = _base_generator(args.checkpoint)
     if args.adapter is not None:
-        from .personalize import load_personalized
+        from .gan3d.adapter import load_personalized
 
         G, photo_ws, _, _ = load_personalized(G, args.adapter)
     with torch.no_grad():
@@ -95,17 +100,17 @@ def _base_generator(path):
     from pathlib import Path
 
     if path is None or (Path(path) / "latents.safetensors").is_file():
-        from ..training.heads import load_heads_prior
+        from .models import load_heads_prior
 
         return load_heads_prior(path)
-    from .loader import load_generator
+    from .gan3d.loader import load_generator
 
     return load_generator(path).eval().requires_grad_(False), None
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
-    from .personalize import PersonalizeConfig, personalize
-    from .photos import load_photos, read_cameras
+    from .gan3d.photos import load_photos, read_cameras
+    from .training.personalize import PersonalizeConfig, personalize
 
     cfg = PersonalizeConfig(rank=args.rank, alpha=args.alpha, symmetry=args.symmetry, steps=args.steps,
                             conv_layout=args.conv_layout, invert_steps=args.invert_steps,
@@ -116,10 +121,16 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     cameras = read_cameras(args.cameras, names) if args.cameras else None
     identity = None
     if args.arcface:
-        from .arcface import load_arcface
+        from .gan3d.arcface import load_arcface
 
         identity = load_arcface(args.arcface)
-    summary = personalize(G, names, photos, args.out, cfg, cameras=cameras, identity=identity)
+    from .cli import CLIError
+    from .training.loop import WorkDirLocked
+
+    try:
+        summary = personalize(G, names, photos, args.out, cfg, cameras=cameras, identity=identity)
+    except WorkDirLocked as err:  # another run is using this --out: one line, not a traceback
+        raise CLIError(str(err)) from err
     print(f"wrote {args.out}: {len(names)} photos, {summary['trainable_parameters']:,} trained parameters "
           f"({100 * summary['trainable_parameters'] / summary['generator_parameters']:.2f}% of "
           f"{summary['generator_parameters']:,}), {summary['minutes']:.1f} min; perceptual term: "
@@ -132,8 +143,8 @@ def _photo_latent(G, img: str, ws, names: list[str], invert_steps: int):
     any other image file, fitted now: its camera, then its w, against the personalized generator."""
     from pathlib import Path
 
-    from .personalize import PersonalizeConfig, device_of, fit_cameras, invert
-    from .photos import load_photo
+    from .gan3d.photos import load_photo
+    from .training.personalize import PersonalizeConfig, device_of, fit_cameras, invert
 
     name = Path(img).name
     if name in names:
@@ -150,10 +161,10 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..eval.plots import save_image_grid
-    from .cameras import frontal_camera
-    from .personalize import load_personalized
-    from .video import to_frames, write_video
+    from .eval.plots import save_image_grid
+    from .gan3d.adapter import load_personalized
+    from .gan3d.cameras import frontal_camera
+    from .gan3d.video import to_frames, write_video
 
     G, ws, names, _ = load_personalized(_base_generator(args.base)[0], args.adapter)
     G = G.to(args.device).requires_grad_(False)  # adapters too: only new photos' latents are fitted here
@@ -178,8 +189,8 @@ def _default_device() -> str:
 
 
 def add_personalize_parsers(subparsers) -> None:
-    from .lora import CONV_LAYOUTS
-    from .personalize import LATENT_SPACES, PersonalizeConfig
+    from .gan3d.lora import CONV_LAYOUTS
+    from .training.personalize import LATENT_SPACES, PersonalizeConfig
 
     p = subparsers.add_parser("personalize", help="My3DGen: adapt the 3D generator to one person from ~10 photos")
     p.add_argument("--photos", required=True, help="a folder of photos of one person (any size; read only)")

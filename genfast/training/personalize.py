@@ -1,0 +1,366 @@
+"""My3DGen: personalize a tri-plane generator to one person from a few photos.
+
+1. cameras: given (an EG3D dataset.json) or fitted by analysis-by-synthesis against the frozen
+   generator (yaw, pitch and a latent optimised together from several starting yaws; the best fit wins);
+2. latents: one w per photo ("W" inversion; "W+", one w per layer, on request), generator frozen;
+3. adapters: low-rank adapters on every modulated convolution and style affine (genfast.gan3d.lora),
+   trained on the photos with their latents fixed, on the one training loop (`genfast.training.loop`):
+   MSE on the super-resolved and the raw render, plus LPIPS(alex) when its weights are on disk,
+   otherwise an identity-embedding term in its place; every `symmetry_every` steps, the symmetry
+   regulariser: render a latent from a camera and from its exact mirror (`flip_yaw`), flip the second
+   image, and penalise 1 - cosine of their identity embeddings.
+
+The result is an adapter folder (`genfast.gan3d.adapter`, which also loads it). While a run is
+unfinished its state lives in `<out>.work`, locked for the whole run: `inputs.json` (what the run
+was started with, by content), the cameras and latents phases (safetensors, their sha256 in
+`phases.json`) and the loop's checkpoints (safetensors + JSON + manifest). Nothing in it is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..gan3d.adapter import CAMERAS, GENERATOR_DIR, LATENTS, LORA_DIR, SUMMARY
+from ..gan3d.cameras import camera_vector, ffhq_intrinsics, flip_yaw, lookat_pose, sample_cameras
+from ..gan3d.identity import identity_similarity
+from ..io import atomic_dir, atomic_write_text
+
+INPUTS = "inputs.json"  # in the work folder: what the unfinished run was started with, by content
+PHASES = "phases.json"  # sha256 of each finished phase's safetensors file
+LATENT_SPACES = ("w", "w+")
+RESUMABLE_CHANGES = ("steps", "ckpt_every")  # settings a rerun may change and still resume
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    rank: int = 1
+    alpha: float = 1.0
+    train_biases: bool = False
+    conv_layout: str = "my3dgen"  # or "loralib": ~0.6x the conv adapter parameters (see genfast.gan3d.lora)
+    full_finetune: bool = False  # the comparison: train every synthesis/SR weight instead of adapters
+    steps: int = 300
+    lr: float = 2e-3  # My3DGen: 0.0025 * 4/5
+    symmetry: bool = True
+    symmetry_every: int = 4
+    symmetry_weight: float = 1.0
+    identity_weight: float = 0.1  # the offline stand-in for LPIPS
+    latent_space: str = "w"  # "w": one w per photo, shared by every layer; "w+": one per layer (closer fits)
+    invert_steps: int = 150
+    invert_lr: float = 0.05
+    camera_steps: int = 40
+    camera_starts: tuple[float, ...] = (-0.5, 0.0, 0.5)  # starting yaws for camera fitting
+    camera_resolution: int = 16  # camera fitting compares coarse renders: 4x fewer rays than 32x32
+    ckpt_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        for name in ("steps", "symmetry_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.latent_space not in LATENT_SPACES:
+            raise ValueError(f"latent_space must be one of {', '.join(LATENT_SPACES)}, got {self.latent_space!r}")
+
+
+def _render(G, ws, cams):
+    return G.synthesis(ws, cams, deterministic=True)
+
+
+def _recon(out, target):
+    """MSE on the super-resolved image and on the raw render (target resized), targets in [-1, 1]."""
+    raw_target = F.interpolate(target, size=out["image_raw"].shape[-2:], mode="area")
+    return F.mse_loss(out["image"], target) + F.mse_loss(out["image_raw"], raw_target)
+
+
+def _cameras(yaw, pitch, n):
+    pose = lookat_pose(math.pi / 2 + yaw, math.pi / 2 + pitch)
+    return camera_vector(pose, ffhq_intrinsics().expand(n, 3, 3))
+
+
+def device_of(module) -> torch.device:
+    """Where a module's parameters live: photos, cameras and latents are moved there."""
+    return next(module.parameters()).device
+
+
+def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True) -> torch.Tensor:
+    """(N, 25) cameras for photos (N, 3, H, W) in [-1, 1]: yaw, pitch and w fitted together, best of several starts.
+
+    A short plain optimisation (not the training loop): its result is a phase file of the run.
+    """
+    n, k = len(targets), len(cfg.camera_starts)
+    targets = targets.to(device_of(G))
+    yaw = torch.tensor(cfg.camera_starts, dtype=torch.float64, device=targets.device).repeat(n).requires_grad_(True)
+    pitch = torch.zeros(n * k, dtype=torch.float64, device=targets.device, requires_grad=True)
+    w = G.backbone.mapping.w_avg.detach()[None].repeat(n * k, 1).requires_grad_(True)
+    target = targets.repeat_interleave(k, 0)
+    opt = torch.optim.Adam([{"params": [w], "lr": cfg.invert_lr}, {"params": [yaw, pitch], "lr": 0.02}])
+    for _ in tqdm(range(cfg.camera_steps), desc="fit cameras", disable=not progress):
+        out = G.synthesis(w[:, None].expand(-1, G.num_ws, -1), _cameras(yaw, pitch, n * k).float(),
+                          neural_rendering_resolution=cfg.camera_resolution, deterministic=True)
+        small = F.interpolate(target, size=out["image_raw"].shape[-2:], mode="area")
+        per_image = (out["image_raw"] - small).pow(2).mean((1, 2, 3))  # pose is a coarse matter
+        opt.zero_grad(set_to_none=True)
+        per_image.sum().backward()
+        opt.step()
+        with torch.no_grad():
+            yaw.clamp_(-1.2, 1.2)
+            pitch.clamp_(-0.5, 0.5)
+    best = per_image.detach().view(n, k).argmin(1) + torch.arange(n, device=targets.device) * k
+    return _cameras(yaw.detach()[best], pitch.detach()[best], n).float()
+
+
+def invert(G, targets: torch.Tensor, cams: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True):
+    """Latents of photos with the generator frozen, ws (N, num_ws, w_dim): one w per photo repeated over
+    the layers ("w"), or one per layer ("w+", started from the same w_avg)."""
+    targets, cams = targets.to(device_of(G)), cams.to(device_of(G))
+    layers = G.num_ws if cfg.latent_space == "w+" else 1
+    w = G.backbone.mapping.w_avg.detach()[None, None].repeat(len(targets), layers, 1).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=cfg.invert_lr)
+    for _ in tqdm(range(cfg.invert_steps), desc=f"invert photos ({cfg.latent_space})", disable=not progress):
+        loss = _recon(_render(G, w.expand(-1, G.num_ws, -1), cams), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return w.detach().expand(-1, G.num_ws, -1).contiguous()
+
+
+def identity_name(identity) -> str:
+    from ..gan3d.arcface import ArcFaceIRSE50
+
+    return "ArcFace IR-SE50" if isinstance(identity, ArcFaceIRSE50) else "genfast-identity (synthetic heads)"
+
+
+class _Perceptual:
+    """LPIPS(alex) when its weights are on disk; otherwise the identity embedding's distance instead."""
+
+    def __init__(self, identity, weight: float):
+        from ..eval.lpips_metric import LPIPSMetric, lpips_available
+
+        ok, self.note = lpips_available("alex")
+        self.lpips = LPIPSMetric("alex").model.to(device_of(identity)) if ok else None
+        self.identity, self.weight = identity, weight
+        self.name = "LPIPS[alex]" if ok else f"{identity_name(identity)} distance (LPIPS weights not on disk)"
+
+    def __call__(self, out, target):
+        if self.lpips is not None:
+            raw_target = F.interpolate(target, size=out["image_raw"].shape[-2:], mode="area")
+            return self.lpips(out["image"], target).mean() + self.lpips(out["image_raw"], raw_target).mean()
+        return self.weight * (1 - identity_similarity(self.identity, out["image"], target)).mean()
+
+
+def symmetry_loss(G, ws, identity, generator: torch.Generator) -> torch.Tensor:
+    """1 - cos(identity(render(c)), identity(flip(render(flip_yaw(c))))) for a random camera per latent."""
+    cams = sample_cameras(len(ws), generator, intrinsics=ffhq_intrinsics()).to(ws.device)
+    both = _render(G, torch.cat([ws, ws]), torch.cat([cams, flip_yaw(cams)]))["image"]
+    a, b = both.chunk(2)
+    return (1 - identity_similarity(identity, a, b.flip(-1))).mean()
+
+
+def _trainable(G, cfg: PersonalizeConfig):
+    from ..gan3d import lora
+
+    if cfg.full_finetune:
+        G.requires_grad_(False)
+        for part in (G.backbone.synthesis, G.superresolution):
+            part.requires_grad_(True)
+        return [p for p in G.parameters() if p.requires_grad]
+    lora.add_lora(G, rank=cfg.rank, alpha=cfg.alpha, train_biases=cfg.train_biases, conv_layout=cfg.conv_layout)
+    return lora.lora_parameters(G)
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """sha256 of a tensor's shape and float32 bytes: inputs are recorded by content, not by file name."""
+    t = t.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(f"{tuple(t.shape)}\n".encode() + t.numpy().tobytes()).hexdigest()
+
+
+def work_dir_of(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".work")
+
+
+def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg: PersonalizeConfig,
+                cameras: torch.Tensor | None = None, identity=None, progress: bool = True, log=print,
+                ws: torch.Tensor | None = None) -> dict:
+    """Fit G (modified in place: adapters added) to photos (N, 3, H, W) in [0, 1]; write the adapter folder.
+
+    ``identity``: the network behind the symmetry term (and the offline LPIPS stand-in): the embedded
+    genfast-identity encoder by default, or `genfast.gan3d.arcface.load_arcface` for real faces.
+    ``cameras`` / ``ws``: given per photo (in the order of ``names``) instead of fitted.
+
+    Resumable: rerunning with the same photos (by content: renamed files resume), base, identity
+    network and settings (``steps`` and ``ckpt_every`` may change) continues from `<out>.work`;
+    anything else is refused, naming what differs. A second run on the same `out` while one is
+    running is refused (`WorkDirLocked`).
+    """
+    from ..gan3d import lora
+    from ..gan3d.identity import load_identity_encoder
+    from .loop import WorkDirLock
+
+    out = Path(out)
+    work = work_dir_of(out)
+    t0 = time.time()
+    if len(names) != len(photos):
+        raise ValueError(f"{len(names)} names for {len(photos)} photos")
+    base = lora.base_hash(G)
+    base_parameters = sum(p.numel() for p in G.parameters())
+    device = device_of(G)
+    identity = (identity if identity is not None else load_identity_encoder()).to(device)
+    identity_label = identity_name(identity)
+
+    # Train in an order set by content, so that renamed (or re-sorted) photos give the same run.
+    hashes = [tensor_hash(p) for p in photos]
+    order = sorted(range(len(names)), key=lambda i: hashes[i])
+    back = torch.tensor(order).argsort()  # canonical -> given order, for what is written out
+    targets = photos[order].to(device) * 2 - 1
+    given_cams = cameras[order].to(device) if cameras is not None else None
+    given_ws = ws[order].to(device) if ws is not None else None
+    record = {
+        "photos": [hashes[i] for i in order],
+        "base_hash": base,
+        "identity": {"network": identity_label, "sha256": lora.base_hash(identity, length=64)},
+        "cameras": tensor_hash(given_cams) if given_cams is not None else "fitted",
+        "latents": tensor_hash(given_ws) if given_ws is not None else "inverted",
+        "config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES},
+    }
+
+    with WorkDirLock(work) as lock:  # held from the first phase to the written adapter
+        _claim_work_dir(work, record, dict(zip(hashes, names, strict=True)))
+        G.requires_grad_(False)
+        cams = given_cams if given_cams is not None else _phase(
+            work, "cameras", lambda: fit_cameras(G, targets, cfg, progress)).to(device)
+        ws = given_ws if given_ws is not None else _phase(
+            work, "latents", lambda: invert(G, targets, cams, cfg, progress)).to(device)
+        trained, perceptual = _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log)
+        summary = {"photos": list(names), "base_hash": base, "trainable_parameters": trained,
+                   "generator_parameters": base_parameters, "perceptual": perceptual,
+                   "identity": identity_label, "config": asdict(cfg),
+                   "minutes": round((time.time() - t0) / 60, 2)}
+        _write_adapter(G, out, cfg, base, names, ws[back], cams[back], summary)
+        shutil.rmtree(work)  # the adapter is written: a rerun starts afresh instead of resuming a finished run
+    return summary
+
+
+def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log) -> tuple[int, str]:
+    """Train the adapters (or every synthesis/SR weight) on the one loop; returns (parameters, perceptual)."""
+    from .loop import LoopConfig, TrainLoop
+
+    device = device_of(G)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)  # the adapters' random init is a function of the settings, not of the RNG's past
+        params = _trainable(G, cfg)
+    # The checkpoints hold the trained tensors only (a few hundred KB of adapters, not the frozen base):
+    # they go through accelerate as one module. One process trains one person, so nothing is sharded.
+    holder = torch.nn.ParameterList(params)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.0, 0.99 ** 0.8))
+    loop_cfg = LoopConfig(steps=cfg.steps, checkpoint_every=cfg.ckpt_every, desc="personalize", progress=progress,
+                          cpu=device.type == "cpu")
+    perceptual = _Perceptual(identity, cfg.identity_weight)
+    g = torch.Generator()
+
+    def step(i: int):
+        out = _render(G, ws, cams)
+        loss = _recon(out, targets) + perceptual(out, targets)
+        if cfg.symmetry and i % cfg.symmetry_every == 0:
+            g.manual_seed(cfg.seed * 100_003 + i)  # a pure function of the step: a resumed run draws the same
+            loss = loss + cfg.symmetry_weight * symmetry_loss(G, ws, identity, g)
+        return loss
+
+    # run_info stays None: `_claim_work_dir` already checked the inputs (by content, before the phases)
+    with TrainLoop(work, loop_cfg, models={"trained": holder}, optimizer=opt, lock=lock) as loop:
+        start = loop.resume()
+        if start > cfg.steps:
+            raise ValueError(f"the unfinished run in {work} has trained {start} steps, more than steps={cfg.steps}; "
+                             f"rerun with steps >= {start} to finish it, or delete {work} to start over")
+        if start:
+            log(f"[personalize] resumed at step {start}")
+        loop.run(step)
+    return sum(p.numel() for p in params), perceptual.name
+
+
+def _write_adapter(G, out: Path, cfg, base: str, names, ws, cams, summary: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ..gan3d import lora
+    from ..gan3d.photos import write_cameras
+
+    with atomic_dir(out) as tmp:
+        if cfg.full_finetune:
+            from ..gan3d.loader import save_converted
+
+            save_converted(G, tmp / GENERATOR_DIR)
+        else:
+            lora.save_adapter(G, tmp / LORA_DIR, base_hash=base, rank=cfg.rank, alpha=cfg.alpha)
+        save_file({"ws": ws.detach().cpu().contiguous()}, str(tmp / LATENTS))
+        write_cameras(tmp / CAMERAS, names, cams.cpu())
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _phase(work: Path, name: str, compute) -> torch.Tensor:
+    """A finished phase's tensor from `work/<name>.safetensors` (checked against its recorded sha256),
+    or `compute()` now and keep it there. Exact float round trip: a resumed run uses the same values."""
+    from safetensors.torch import load_file, save_file
+
+    file, index = work / f"{name}.safetensors", work / PHASES
+    done = json.loads(index.read_text()) if index.is_file() else {}
+    if name in done:
+        if not file.is_file() or _file_sha256(file) != done[name]:
+            raise ValueError(f"{file} is missing or was changed after the {name} phase wrote it; "
+                             f"delete {work} to start afresh")
+        return load_file(str(file))["value"]
+    value = compute().detach().contiguous()
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file({"value": value.cpu()}, str(tmp))
+    os.replace(tmp, file)
+    atomic_write_text(index, json.dumps({**done, name: _file_sha256(file)}, indent=2) + "\n")
+    return value
+
+
+def _claim_work_dir(work: Path, record: dict, names_by_hash: dict[str, str]) -> None:
+    """Record what this run starts with, or check that the unfinished run in `work` started with the
+    same inputs by content: resuming another run's phases and checkpoints would mix two trainings."""
+    record = json.loads(json.dumps(record))  # tuples -> lists, as they come back from disk
+    path = work / INPUTS
+    if not path.is_file():
+        atomic_write_text(path, json.dumps({**record, "photo_names": names_by_hash}, indent=2) + "\n")
+        return
+    before = json.loads(path.read_text())
+    old_names = before.pop("photo_names", {})
+    if before == record:
+        return
+    differ = []
+    if before.get("photos") != record["photos"]:
+        old, new = set(before.get("photos", [])), set(record["photos"])
+        by_name = {n: h for h, n in old_names.items()}
+        for h in sorted(new - old, key=names_by_hash.get):
+            name = names_by_hash[h]
+            differ.append(f"photo {name} has other content than the {name} it started with" if name in by_name
+                          else f"photo {name} is not one of its photos")
+        for h in sorted(old - new, key=lambda h: old_names.get(h, h)):
+            differ.append(f"its photo {old_names.get(h, h[:12])} is missing")
+        if not differ:
+            differ.append("photos (the same images, in other numbers)")
+    differ += [k for k in record if k not in ("photos", "config") and before.get(k) != record[k]]
+    differ += [k for k in record["config"] if before.get("config", {}).get(k) != record["config"][k]]
+    raise ValueError(f"{work} holds an unfinished run with other settings ({'; '.join(differ)}); rerun with "
+                     f"the same photos and options to resume it, or delete {work} to start over")
