@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tiny", action="store_true", help="a few steps on a few heads (smoke test)")
     h.set_defaults(func=cmd_train_heads)
 
-    from .cli_gan3d import add_convert_eg3d_parser, add_personalize_parsers, add_render_parser
+    from .cli_gan3d import add_convert_eg3d_parser, add_head_photos_parser, add_personalize_parsers, add_render_parser
 
     add_render_parser(sub)
+    add_head_photos_parser(sub)
     add_personalize_parsers(sub)
     add_convert_eg3d_parser(sub)
     return parser

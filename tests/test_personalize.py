@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import re
 import shutil
 
 import pytest
@@ -281,7 +283,8 @@ def test_symmetry_loss_is_near_zero_on_a_symmetric_head_and_not_on_an_asymmetric
 def test_full_finetuning_row(setup, tmp_path):
     _root, base, identity, photos, cams = setup
     names, images = load_photos(photos)
-    cfg = dataclasses.replace(FAST, full_finetune=True, symmetry=False)
+    cfg = dataclasses.replace(FAST, full_finetune=True, symmetry=False,
+                              symmetry_every=PersonalizeConfig.symmetry_every)  # moot without symmetry: refused
     G = copy.deepcopy(base)
     summary = personalize(G, names, images, tmp_path / "full", cfg, cameras=cams, identity=identity,
                           progress=False)
@@ -368,3 +371,243 @@ def test_inversion_in_w_and_w_plus(setup, space):
         assert fitted < pers._recon(base.synthesis(start, cams, deterministic=True), targets)
     with pytest.raises(ValueError, match="latent_space must be one of w, w\\+"):
         PersonalizeConfig(latent_space="z")
+
+
+# ---- limits and clean errors: one line, exit 2, no traceback, nothing written ----
+
+def assert_clean_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("alpha", -1.0, "alpha must be a finite number > 0"),
+    ("alpha", float("nan"), "alpha must be a finite number > 0"),
+    ("rank", 0, "rank must be an integer >= 1"),
+    ("steps", 0, "steps must be an integer >= 1"),
+    ("steps", 2.5, "steps must be an integer >= 1"),
+    ("lr", 0.0, "lr must be a finite number > 0"),
+    ("invert_lr", -0.1, "invert_lr must be a finite number > 0"),
+    ("symmetry_weight", 0.0, "symmetry_weight must be a finite number > 0"),
+    ("identity_weight", -1.0, "identity_weight must be a finite number >= 0"),
+    ("symmetry_every", 0, "symmetry_every must be an integer >= 1"),
+    ("invert_steps", 0, "invert_steps must be an integer >= 1"),
+    ("camera_steps", 0, "camera_steps must be an integer >= 1"),
+    ("camera_resolution", 2, "camera_resolution must be an integer >= 4"),
+    ("ckpt_every", 0, "ckpt_every must be an integer >= 1"),
+    ("ckpt_minutes", 0.0, "ckpt_minutes must be a finite number > 0"),
+    ("batch", 0, "batch must be an integer >= 1"),
+    ("conv_layout", "big", "conv_layout must be one of my3dgen, loralib"),
+    ("camera_starts", (0.0, 2.0), "camera_starts must be a non-empty tuple of yaws in [-1.2, 1.2]"),
+    ("camera_starts", (), "camera_starts must be a non-empty tuple"),
+    ("symmetry", "yes", "symmetry must be True or False"),
+])
+def test_config_refuses_values_out_of_range(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PersonalizeConfig(**{field: value})
+
+
+def test_config_refuses_options_that_would_do_nothing():
+    with pytest.raises(ValueError, match="symmetry_every has no effect with symmetry off"):
+        PersonalizeConfig(symmetry=False, symmetry_every=2)
+    with pytest.raises(ValueError, match="rank, conv_layout has no effect with full_finetune=True"):
+        PersonalizeConfig(full_finetune=True, rank=2, conv_layout="loralib")
+    PersonalizeConfig(ckpt_minutes=None)  # None turns the time-based checkpoints off
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--alpha", "-1"], "alpha must be a finite number > 0, got -1.0"),
+    (["--rank", "0"], "rank must be an integer >= 1, got 0"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--lr", "0"], "lr must be a finite number > 0"),
+    (["--symmetry-weight", "-1"], "symmetry_weight must be a finite number > 0"),
+    (["--symmetry-every", "0"], "symmetry_every must be an integer >= 1"),
+    (["--no-symmetry", "--symmetry-every", "2"], "symmetry_every has no effect with symmetry off"),
+    (["--invert-steps", "0"], "invert_steps must be an integer >= 1"),
+    (["--batch", "0"], "batch must be an integer >= 1"),
+    (["--checkpoint-every", "0"], "ckpt_every must be an integer >= 1"),
+    (["--checkpoint-minutes", "-5"], "ckpt_minutes must be a finite number > 0"),
+])
+def test_cli_personalize_refuses_bad_options_before_any_work(setup, tmp_path, capsys, argv, fragment):
+    _, _, _, photos, _ = setup
+    out = tmp_path / "me"
+    assert main(["personalize", "--photos", str(photos), *argv, "--out", str(out)]) == 2
+    assert_clean_error(capsys, "genfast personalize: error:", fragment)
+    assert not out.exists() and not work_dir_of(out).exists()
+
+
+def _unwritable(tmp_path):
+    """A place no file can be created in, whoever runs the tests (root too): sysfs refuses new files."""
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("needs Linux sysfs for a folder that refuses writes")
+    return "/sys/kernel"
+
+
+def test_cli_personalize_refuses_bad_out_before_any_work(setup, tmp_path, capsys, monkeypatch):
+    _, _, _, photos, _ = setup
+    monkeypatch.setattr(pers, "fit_cameras", lambda *a, **k: pytest.fail("fitting started"))
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    not_adapter = tmp_path / "holiday"
+    not_adapter.mkdir()
+    (not_adapter / "keep.txt").write_text("mine")
+    cases = [
+        (tmp_path / "missing" / "me", "does not exist; create it first"),
+        (a_file / "me", "is not a folder"),
+        (a_file, "is an existing file"),
+        (not_adapter, "holds no adapter (personalize.json)"),
+        (f"{_unwritable(tmp_path)}/me", "cannot write in /sys/kernel"),
+    ]
+    for out, fragment in cases:
+        assert main(["personalize", "--photos", str(photos), "--out", str(out)]) == 2
+        assert_clean_error(capsys, "genfast personalize: error:", str(out), fragment)
+    assert a_file.read_text() == "mine" and [p.name for p in not_adapter.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "missing").exists() and not work_dir_of(not_adapter).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "holiday"]
+
+
+def test_cli_render_checks_its_outputs_and_options_before_rendering(tmp_path, capsys, monkeypatch):
+    from genfast.gan3d import video
+
+    monkeypatch.setattr(video, "render_orbit", lambda *a, **k: pytest.fail("rendering started"))
+    (tmp_path / "taken.gif").mkdir()
+    cases = [
+        (["--out", str(tmp_path / "missing" / "me.gif")], "does not exist; create it first"),
+        (["--out", str(tmp_path / "taken.gif")], "is an existing folder; give a file name"),
+        (["--out", str(tmp_path / "ok.gif"), "--out", f"{_unwritable(tmp_path)}/me.mp4"], "cannot write in"),
+        (["--frames", "0", "--out", str(tmp_path / "ok.gif")], "--frames must be an integer >= 1, got 0"),
+        (["--yaw-range", "-0.1", "--out", str(tmp_path / "ok.gif")], "--yaw-range must be in (0, 1.2]"),
+        (["--yaw-range", "3", "--out", str(tmp_path / "ok.gif")], "--yaw-range must be in (0, 1.2]"),
+        (["--fps", "0", "--out", str(tmp_path / "ok.gif")], "--fps must be an integer >= 1"),
+        (["--scale", "0", "--out", str(tmp_path / "ok.gif")], "--scale must be an integer >= 1"),
+        (["--truncation", "1.5", "--out", str(tmp_path / "ok.gif")], "--truncation must be in [0, 1]"),
+    ]
+    for argv, fragment in cases:
+        assert main(["render", *argv]) == 2
+        assert_clean_error(capsys, "genfast render: error:", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gif"]
+
+
+def test_cli_interpolate_checks_its_output_and_options_before_any_work(setup, straight, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    adapter = str(straight[0])
+    cases = [
+        (["--out", str(a_file)], "is an existing file; give a folder name"),
+        (["--out", str(tmp_path / "missing" / "between")], "does not exist; create it first"),
+        (["--out", f"{_unwritable(tmp_path)}/between"], "cannot write in"),
+        (["--steps", "1", "--out", str(tmp_path / "between")], "--steps must be an integer >= 2"),
+        (["--invert-steps", "0", "--out", str(tmp_path / "between")], "invert_steps must be an integer >= 1"),
+    ]
+    for argv, fragment in cases:
+        assert main(["interpolate", "--adapter", adapter, "0.png", "1.png", *argv]) == 2
+        assert_clean_error(capsys, "genfast interpolate: error:", fragment)
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_cli_personalize_refuses_more_photos_than_the_limit(tmp_path, capsys):
+    from genfast.gan3d.photos import MAX_PHOTOS
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(MAX_PHOTOS + 1):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(many / f"{i:03d}.png")
+    out = tmp_path / "me"
+    assert main(["personalize", "--photos", str(many), "--out", str(out)]) == 2
+    assert_clean_error(capsys, f"has {MAX_PHOTOS + 1} images", f"at most {MAX_PHOTOS}", "memory")
+    assert not out.exists() and not work_dir_of(out).exists()
+
+
+# ---- batches: more photos than --batch give the same fits in flat memory ----
+
+def test_photos_in_batches_fit_and_train_as_one_batch(setup, tmp_path):
+    """3 photos at batch 2 (chunks of 1 and 2; gradient accumulation in training) against batch 10 (one
+    chunk): the same cameras, latents and adapters, to float rounding (batch sizes change summation order)."""
+    _, base, identity, photos, _ = setup
+    names, images = load_photos(photos)
+    runs = {}
+    for batch in (10, 2):
+        G = copy.deepcopy(base)
+        personalize(G, names, images, tmp_path / f"b{batch}", dataclasses.replace(FAST, batch=batch),
+                    identity=identity, progress=False)
+        runs[batch] = adapter_tensors(tmp_path / f"b{batch}"), load_personalized(copy.deepcopy(base),
+                                                                                 tmp_path / f"b{batch}")[3]
+    (lora_a, ws_a), cams_a = runs[10]
+    (lora_b, ws_b), cams_b = runs[2]
+    assert torch.allclose(cams_a, cams_b, atol=1e-4)
+    assert torch.allclose(ws_a, ws_b, atol=1e-4)
+    for key in lora_a:  # Adam's per-element step magnifies rounding where a gradient is near 0: compare norms
+        assert (lora_a[key] - lora_b[key]).norm() <= 1e-2 * lora_a[key].norm() + 1e-7, key
+    assert pers.chunks(3, 2) == [slice(0, 1), slice(1, 3)] and pers.chunks(10, 10) == [slice(0, 10)]
+
+
+# ---- checkpoints and time across resumed runs ----
+
+def test_checkpoint_every_reaches_the_loop(setup, tmp_path, monkeypatch):
+    """--checkpoint-every 1: a run stopped in step 2 has the checkpoints of steps 1 and 2 (at the default
+    of 100 it would have none)."""
+    root, _, _, photos, _ = setup
+    interrupt(monkeypatch, "symmetry_loss", 3)  # symmetry every step: the 3rd call is in step 2
+    out = tmp_path / "me"
+    with pytest.raises(KeyboardInterrupt):
+        main(["personalize", "--photos", str(photos), "--cameras", str(root / "dataset.json"), "--steps", "4",
+              "--invert-steps", "2", "--symmetry-every", "1", "--checkpoint-every", "1", "--out", str(out)])
+    assert sorted(p.name for p in (work_dir_of(out) / "checkpoints").glob("step-*")) == ["step-0000001",
+                                                                                          "step-0000002"]
+
+
+class FakeTime:
+    """Stands in for the `time` module inside genfast.training.personalize: the test moves the clock."""
+
+    def __init__(self):
+        self.now = 1_000.0
+
+    def time(self):
+        return self.now
+
+    def monotonic(self):
+        return self.now
+
+
+def test_time_based_checkpoints_and_minutes_over_resumed_runs(setup, straight, tmp_path, monkeypatch):
+    """ckpt_minutes=1 with ckpt_every=100: checkpoints come from the clock (6 minutes per step here); the
+    rerun resumes from the last one to the same adapter as a run never stopped, and the summary's minutes are
+    both runs' (10 and 2), not the last one's."""
+    _, base, identity, photos, _ = setup
+    names, images = load_photos(photos)
+    clock = FakeTime()
+    monkeypatch.setattr(pers, "time", clock)
+    real, calls = pers.symmetry_loss, {"n": 0}
+
+    def tick(*args, **kwargs):  # symmetry runs on steps 0 and 2 (FAST: symmetry_every=2)
+        calls["n"] += 1
+        if calls["n"] == 2:  # in step 2 of the first run: stop, 10 minutes after it started
+            clock.now += 4 * 60
+            raise KeyboardInterrupt
+        clock.now += 6 * 60
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pers, "symmetry_loss", tick)
+    cfg = dataclasses.replace(FAST, ckpt_every=100, ckpt_minutes=1.0)
+    out = tmp_path / "me"
+    with pytest.raises(KeyboardInterrupt):
+        personalize(copy.deepcopy(base), names, images, out, cfg, identity=identity, progress=False)
+    assert sorted(p.name for p in (work_dir_of(out) / "checkpoints").glob("step-*")) == ["step-0000001"]
+    clock.now += 60 * 60  # an hour between the runs does not count
+    logs = []
+
+    def two_minutes(*args, **kwargs):  # the rerun resumes at step 1: symmetry in step 2 only
+        clock.now += 2 * 60
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pers, "symmetry_loss", two_minutes)
+    summary = personalize(copy.deepcopy(base), names, images, out, cfg, identity=identity, progress=False,
+                          log=logs.append)
+    assert any("resumed at step 1" in line for line in logs), logs
+    assert summary["segments_minutes"] == [10.0, 2.0] and summary["minutes"] == 12.0
+    reference, resumed = adapter_tensors(straight[0]), adapter_tensors(out)
+    assert all(torch.equal(reference[0][k], resumed[0][k]) for k in reference[0])

@@ -11,6 +11,9 @@ import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MIN_PHOTOS = 3
+# Memory does not grow with the count (photos are fitted and trained a batch at a time; bench/my3dgen_memory.py),
+# time does: every training step renders every photo. My3DGen asks for ~10 to ~50.
+MAX_PHOTOS = 100
 BACKGROUND = (230, 230, 230)  # transparent pixels become the light gray the synthetic heads sit on
 
 
@@ -46,12 +49,17 @@ def _rgb(image):
 
 
 def load_photos(folder: str | os.PathLike, resolution: int = 64,
-                min_photos: int = MIN_PHOTOS) -> tuple[list[str], torch.Tensor]:
+                min_photos: int = MIN_PHOTOS, max_photos: int = MAX_PHOTOS) -> tuple[list[str], torch.Tensor]:
     """(file names, images (N, 3, R, R) float in [0, 1]); the folder is only read, never written."""
     paths = list_photos(folder)
     if len(paths) < min_photos:
         raise ValueError(f"photos folder {folder} has {len(paths)} image(s); personalization needs at least "
                          f"{min_photos} photos of the person (about 10 works best)")
+    if len(paths) > max_photos:
+        raise ValueError(f"photos folder {folder} has {len(paths)} images; personalization takes at most "
+                         f"{max_photos}: memory stays that of one --batch of photos (2.6 GB for the embedded prior on "
+                         f"a CPU, measured), but every training step renders all of them, so {len(paths)} take {len(paths) / 10:.0f}x the time of 10 (pick the best "
+                         f"{max_photos} or fewer)")
     images = torch.stack([load_photo(path, resolution) for path in paths])
     return [p.name for p in paths], images
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +38,12 @@ from ..gan3d.identity import identity_similarity
 from ..io import atomic_dir, atomic_write_text
 
 INPUTS = "inputs.json"  # in the work folder: what the unfinished run was started with, by content
+CROPS = "crops.png"  # in the adapter: the photos as the fitting saw them (aligned crops, landmarks)
 PHASES = "phases.json"  # sha256 of each finished phase's safetensors file
 LATENT_SPACES = ("w", "w+")
-RESUMABLE_CHANGES = ("steps", "ckpt_every")  # settings a rerun may change and still resume
+RESUMABLE_CHANGES = ("steps", "ckpt_every", "ckpt_minutes")  # settings a rerun may change and still resume
+SEGMENTS = "segments.json"  # in the work folder: wall time of each run (segment) of an unfinished personalization
+MAX_YAW = 1.2  # rad either side of frontal: camera fitting keeps yaw within this
 
 
 @dataclass(frozen=True)
@@ -62,16 +66,48 @@ class PersonalizeConfig:
     camera_starts: tuple[float, ...] = (-0.5, 0.0, 0.5)  # starting yaws for camera fitting
     camera_resolution: int = 16  # camera fitting compares coarse renders: 4x fewer rays than 32x32
     ckpt_every: int = 100
+    ckpt_minutes: float | None = 5.0  # also checkpoint once this long has passed since the last one (None: off)
+    batch: int = 10  # photos rendered together; more are fitted and trained in chunks of this many (flat memory)
     seed: int = 0
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        for name in ("steps", "symmetry_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from ..gan3d.lora import CONV_LAYOUTS
+
+        ints = {"rank": 1, "steps": 1, "symmetry_every": 1, "invert_steps": 1, "camera_steps": 1,
+                "camera_resolution": 4, "ckpt_every": 1, "batch": 1, "seed": 0}
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        numbers = {"alpha": "> 0", "lr": "> 0", "invert_lr": "> 0", "symmetry_weight": "> 0", "identity_weight": ">= 0"}
+        if self.ckpt_minutes is not None:
+            numbers["ckpt_minutes"] = "> 0"
+        for name, bound in numbers.items():
+            value = getattr(self, name)
+            ok = (not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+                  and (value > 0 if bound == "> 0" else value >= 0))
+            if not ok:
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        for name in ("train_biases", "full_finetune", "symmetry"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")  # noqa: TRY004 -- config errors are ValueErrors
         if self.latent_space not in LATENT_SPACES:
             raise ValueError(f"latent_space must be one of {', '.join(LATENT_SPACES)}, got {self.latent_space!r}")
+        if self.conv_layout not in CONV_LAYOUTS:
+            raise ValueError(f"conv_layout must be one of {', '.join(CONV_LAYOUTS)}, got {self.conv_layout!r}")
+        starts = self.camera_starts
+        if (not isinstance(starts, tuple) or not starts
+                or not all(isinstance(y, int | float) and abs(y) <= MAX_YAW for y in starts)):
+            raise ValueError(f"camera_starts must be a non-empty tuple of yaws in [-{MAX_YAW}, {MAX_YAW}] rad, "
+                             f"got {starts!r}")
+        # options that would change nothing are refused rather than silently ignored
+        fields = PersonalizeConfig.__dataclass_fields__
+        for switch, off, names in (("full_finetune=True", self.full_finetune, ("rank", "alpha", "conv_layout",
+                                                                                 "train_biases")),
+                                   ("symmetry off", not self.symmetry, ("symmetry_every", "symmetry_weight"))):
+            moot = [n for n in names if getattr(self, n) != fields[n].default] if off else []
+            if moot:
+                raise ValueError(f"{', '.join(moot)} has no effect with {switch}: leave it at the default")
 
 
 def _render(G, ws, cams):
@@ -89,20 +125,48 @@ def _cameras(yaw, pitch, n):
     return camera_vector(pose, ffhq_intrinsics().expand(n, 3, 3))
 
 
+def chunks(n: int, size: int) -> list[slice]:
+    """n items as ceil(n / size) consecutive slices of near-equal length (11 at size 10: 5 and 6)."""
+    k = -(-n // size)
+    return [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
 def device_of(module) -> torch.device:
     """Where a module's parameters live: photos, cameras and latents are moved there."""
     return next(module.parameters()).device
 
 
-def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True) -> torch.Tensor:
+INIT_TRUST = 0.15  # rad: how far analysis-by-synthesis may move yaw and pitch from a landmark estimate
+
+
+def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True,
+                init: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 25) cameras for photos (N, 3, H, W) in [-1, 1]: yaw, pitch and w fitted together, best of several starts.
 
-    A short plain optimisation (not the training loop): its result is a phase file of the run.
+    ``init`` (N, 2): yaw and pitch offsets from frontal (radians) estimated from face landmarks
+    (`genfast.data.faces`): the one start per photo instead of ``cfg.camera_starts``, and the fit stays
+    within ``INIT_TRUST`` of it (a prior that does not know real faces would otherwise pull frontal
+    portraits towards steep pitches). A short plain optimisation (not the training loop): its result
+    is a phase file of the run.
     """
-    n, k = len(targets), len(cfg.camera_starts)
+    if init is not None and tuple(init.shape) != (len(targets), 2):
+        raise ValueError(f"init must be (N, 2) yaw and pitch offsets for {len(targets)} photos, got {tuple(init.shape)}")
+    if len(targets) > cfg.batch:  # each photo's fit is its own (summed losses): a batch at a time keeps memory flat
+        return torch.cat([fit_cameras(G, targets[part], cfg, progress, None if init is None else init[part])
+                          for part in chunks(len(targets), cfg.batch)])
     targets = targets.to(device_of(G))
-    yaw = torch.tensor(cfg.camera_starts, dtype=torch.float64, device=targets.device).repeat(n).requires_grad_(True)
-    pitch = torch.zeros(n * k, dtype=torch.float64, device=targets.device, requires_grad=True)
+    if init is None:
+        n, k = len(targets), len(cfg.camera_starts)
+        yaw = torch.tensor(cfg.camera_starts, dtype=torch.float64, device=targets.device).repeat(n)
+        pitch = torch.zeros(n * k, dtype=torch.float64, device=targets.device)
+        low = torch.tensor([-1.2, -0.5], dtype=torch.float64, device=targets.device)[:, None].expand(2, n * k)
+        high = -low
+    else:
+        n, k = len(targets), 1
+        init = init.to(targets.device, torch.float64)
+        yaw, pitch = init[:, 0].clone(), init[:, 1].clone()
+        low, high = (init.T - INIT_TRUST).clamp(min=-1.2), (init.T + INIT_TRUST).clamp(max=1.2)
+    yaw, pitch = yaw.requires_grad_(True), pitch.requires_grad_(True)
     w = G.backbone.mapping.w_avg.detach()[None].repeat(n * k, 1).requires_grad_(True)
     target = targets.repeat_interleave(k, 0)
     opt = torch.optim.Adam([{"params": [w], "lr": cfg.invert_lr}, {"params": [yaw, pitch], "lr": 0.02}])
@@ -115,21 +179,32 @@ def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool
         per_image.sum().backward()
         opt.step()
         with torch.no_grad():
-            yaw.clamp_(-1.2, 1.2)
-            pitch.clamp_(-0.5, 0.5)
+            yaw.copy_(torch.minimum(torch.maximum(yaw, low[0]), high[0]))
+            pitch.copy_(torch.minimum(torch.maximum(pitch, low[1]), high[1]).clamp(-0.5, 0.5))
     best = per_image.detach().view(n, k).argmin(1) + torch.arange(n, device=targets.device) * k
     return _cameras(yaw.detach()[best], pitch.detach()[best], n).float()
 
 
-def invert(G, targets: torch.Tensor, cams: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True):
+def invert(G, targets: torch.Tensor, cams: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True,
+           share: float = 1.0):
     """Latents of photos with the generator frozen, ws (N, num_ws, w_dim): one w per photo repeated over
-    the layers ("w"), or one per layer ("w+", started from the same w_avg)."""
+    the layers ("w"), or one per layer ("w+", started from the same w_avg).
+
+    More than ``cfg.batch`` photos are inverted a batch at a time, each batch's mean loss weighted by its
+    ``share`` of the photos: every w gets the gradient it would get in one batch of all, in flat memory.
+    """
+    if len(targets) > cfg.batch:
+        n = len(targets)
+        return torch.cat([invert(G, targets[part], cams[part], cfg, progress, share=(part.stop - part.start) / n)
+                          for part in chunks(n, cfg.batch)])
     targets, cams = targets.to(device_of(G)), cams.to(device_of(G))
     layers = G.num_ws if cfg.latent_space == "w+" else 1
     w = G.backbone.mapping.w_avg.detach()[None, None].repeat(len(targets), layers, 1).requires_grad_(True)
     opt = torch.optim.Adam([w], lr=cfg.invert_lr)
     for _ in tqdm(range(cfg.invert_steps), desc=f"invert photos ({cfg.latent_space})", disable=not progress):
         loss = _recon(_render(G, w.expand(-1, G.num_ws, -1), cams), targets)
+        if share != 1.0:
+            loss = loss * share
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,9 +235,13 @@ class _Perceptual:
         return self.weight * (1 - identity_similarity(self.identity, out["image"], target)).mean()
 
 
-def symmetry_loss(G, ws, identity, generator: torch.Generator) -> torch.Tensor:
-    """1 - cos(identity(render(c)), identity(flip(render(flip_yaw(c))))) for a random camera per latent."""
-    cams = sample_cameras(len(ws), generator, intrinsics=ffhq_intrinsics()).to(ws.device)
+def symmetry_loss(G, ws, identity, generator: torch.Generator | None = None,
+                  cams: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - cos(identity(render(c)), identity(flip(render(flip_yaw(c))))) for a random camera per latent
+    (drawn from ``generator``), or for the given ``cams`` (one per latent)."""
+    if cams is None:
+        cams = sample_cameras(len(ws), generator, intrinsics=ffhq_intrinsics())
+    cams = cams.to(ws.device)
     both = _render(G, torch.cat([ws, ws]), torch.cat([cams, flip_yaw(cams)]))["image"]
     a, b = both.chunk(2)
     return (1 - identity_similarity(identity, a, b.flip(-1))).mean()
@@ -193,12 +272,16 @@ def work_dir_of(out: str | Path) -> Path:
 
 def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg: PersonalizeConfig,
                 cameras: torch.Tensor | None = None, identity=None, progress: bool = True, log=print,
-                ws: torch.Tensor | None = None) -> dict:
+                ws: torch.Tensor | None = None, camera_init: torch.Tensor | None = None,
+                alignment: dict | None = None, crops_png: bytes | None = None) -> dict:
     """Fit G (modified in place: adapters added) to photos (N, 3, H, W) in [0, 1]; write the adapter folder.
 
     ``identity``: the network behind the symmetry term (and the offline LPIPS stand-in): the embedded
     genfast-identity encoder by default, or `genfast.gan3d.arcface.load_arcface` for real faces.
     ``cameras`` / ``ws``: given per photo (in the order of ``names``) instead of fitted.
+    ``camera_init`` (N, 2): landmark yaw/pitch estimates the camera fit starts from (`fit_cameras`);
+    ``alignment`` (how the photos were cropped) goes into the summary, ``crops_png`` (the contact sheet of
+    the crops) into the adapter folder as ``crops.png``.
 
     Resumable: rerunning with the same photos (by content: renamed files resume), base, identity
     network and settings (``steps`` and ``ckpt_every`` may change) continues from `<out>.work`;
@@ -209,9 +292,9 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
     from ..gan3d.identity import load_identity_encoder
     from .loop import WorkDirLock
 
-    out = Path(out)
-    work = work_dir_of(out)
     t0 = time.time()
+    out = check_adapter_out(out)  # before any work: a bad --out fails now, not after the training
+    work = work_dir_of(out)
     if len(names) != len(photos):
         raise ValueError(f"{len(names)} names for {len(photos)} photos")
     base = lora.base_hash(G)
@@ -227,34 +310,105 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
     targets = photos[order].to(device) * 2 - 1
     given_cams = cameras[order].to(device) if cameras is not None else None
     given_ws = ws[order].to(device) if ws is not None else None
+    init = camera_init[order].to(device) if camera_init is not None and cameras is None else None
     record = {
         "photos": [hashes[i] for i in order],
         "base_hash": base,
         "identity": {"network": identity_label, "sha256": lora.base_hash(identity, length=64)},
-        "cameras": tensor_hash(given_cams) if given_cams is not None else "fitted",
+        "cameras": tensor_hash(given_cams) if given_cams is not None else (
+            "fitted" if init is None else f"fitted from landmarks {tensor_hash(init)}"),
         "latents": tensor_hash(given_ws) if given_ws is not None else "inverted",
         "config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES},
     }
 
     with WorkDirLock(work) as lock:  # held from the first phase to the written adapter
         _claim_work_dir(work, record, dict(zip(hashes, names, strict=True)))
+        clock = _Segments(work, t0)
         G.requires_grad_(False)
-        cams = given_cams if given_cams is not None else _phase(
-            work, "cameras", lambda: fit_cameras(G, targets, cfg, progress)).to(device)
-        ws = given_ws if given_ws is not None else _phase(
-            work, "latents", lambda: invert(G, targets, cams, cfg, progress)).to(device)
-        trained, perceptual = _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log)
+        try:
+            cams = given_cams if given_cams is not None else _phase(
+                work, "cameras", lambda: fit_cameras(G, targets, cfg, progress, init)).to(device)
+            clock.save()
+            ws = given_ws if given_ws is not None else _phase(
+                work, "latents", lambda: invert(G, targets, cams, cfg, progress)).to(device)
+            clock.save()
+            trained, perceptual = _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log,
+                                         on_checkpoint=clock.save)
+        except BaseException:  # interrupted: this segment's time still counts when the rerun finishes
+            clock.save()
+            raise
+        segments = clock.minutes()
         summary = {"photos": list(names), "base_hash": base, "trainable_parameters": trained,
                    "generator_parameters": base_parameters, "perceptual": perceptual,
                    "identity": identity_label, "config": asdict(cfg),
-                   "minutes": round((time.time() - t0) / 60, 2)}
-        _write_adapter(G, out, cfg, base, names, ws[back], cams[back], summary)
+                   "minutes": round(sum(segments), 2), "segments_minutes": segments}
+        if alignment is not None:
+            summary["alignment"] = alignment
+        _write_adapter(G, out, cfg, base, names, ws[back], cams[back], summary, crops_png)
         shutil.rmtree(work)  # the adapter is written: a rerun starts afresh instead of resuming a finished run
     return summary
 
 
-def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log) -> tuple[int, str]:
-    """Train the adapters (or every synthesis/SR weight) on the one loop; returns (parameters, perceptual)."""
+class _Segments:
+    """Wall time of each run (segment) of one personalization, kept in the work folder: a resumed run's
+    summary reports the time of all of them, not only its own."""
+
+    def __init__(self, work: Path, t0: float):
+        self.path, self.t0 = work / SEGMENTS, t0
+        try:
+            self.before = json.loads(self.path.read_text())["minutes"] if self.path.is_file() else []
+            self.before = [float(m) for m in self.before]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.path} is not a list of minutes ({err}); delete it to go on") from None
+
+    def minutes(self) -> list[float]:
+        return [*self.before, round((time.time() - self.t0) / 60, 2)]
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"minutes": self.minutes()}) + "\n")
+
+
+def check_output(path: str | Path, folder: bool, what: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written: its parent missing or not a folder, a file
+    where a folder goes (or the reverse), or a place this process cannot create files in."""
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if not path.parent.is_dir():
+        raise ValueError(f"{what} {path}: {path.parent} " + ("is not a folder" if path.parent.exists()
+                                                            else "does not exist; create it first"))
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{what} {path} is an existing {'folder' if path.is_dir() else 'file'}; give a {kind} "
+                         f"name")
+    where = path if folder and path.is_dir() else path.parent
+    try:  # a real probe: permissions, read-only mounts and root all answer the same way
+        fd, probe = tempfile.mkstemp(dir=where, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot write in {where} ({err.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def check_adapter_out(out: str | Path) -> Path:
+    """`check_output` for an adapter folder, which a run replaces whole: an existing folder must be an adapter
+    (or empty), and its work folder, if any, a folder."""
+    out = check_output(out, folder=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
+        raise ValueError(f"--out {out} is a folder that holds no adapter ({SUMMARY}); personalize replaces its "
+                         f"--out whole, so give a new folder name")
+    work = work_dir_of(out)
+    if work.exists() and not work.is_dir():
+        raise ValueError(f"{work}, the work folder of --out {out}, is a file; move it away")
+    return out
+
+
+def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log,
+           on_checkpoint=lambda: None) -> tuple[int, str]:
+    """Train the adapters (or every synthesis/SR weight) on the one loop; returns (parameters, perceptual).
+
+    More than ``cfg.batch`` photos make each step several micro-batches (the loop's gradient accumulation),
+    each weighted by its share of the photos: the step's gradient is that of one batch of all of them.
+    """
     from .loop import LoopConfig, TrainLoop
 
     device = device_of(G)
@@ -265,18 +419,35 @@ def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log) -> tu
     # they go through accelerate as one module. One process trains one person, so nothing is sharded.
     holder = torch.nn.ParameterList(params)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.0, 0.99 ** 0.8))
-    loop_cfg = LoopConfig(steps=cfg.steps, checkpoint_every=cfg.ckpt_every, desc="personalize", progress=progress,
-                          cpu=device.type == "cpu")
+    parts = chunks(len(targets), cfg.batch)
+    loop_cfg = LoopConfig(steps=cfg.steps, checkpoint_every=cfg.ckpt_every, grad_accum=len(parts),
+                          desc="personalize", progress=progress, cpu=device.type == "cpu")
     perceptual = _Perceptual(identity, cfg.identity_weight)
     g = torch.Generator()
 
     def step(i: int):
-        out = _render(G, ws, cams)
-        loss = _recon(out, targets) + perceptual(out, targets)
+        part = parts[loop.micro]
+        out = _render(G, ws[part], cams[part])
+        loss = _recon(out, targets[part]) + perceptual(out, targets[part])
         if cfg.symmetry and i % cfg.symmetry_every == 0:
             g.manual_seed(cfg.seed * 100_003 + i)  # a pure function of the step: a resumed run draws the same
-            loss = loss + cfg.symmetry_weight * symmetry_loss(G, ws, identity, g)
+            mirror = sample_cameras(len(ws), g, intrinsics=ffhq_intrinsics())[part]
+            loss = loss + cfg.symmetry_weight * symmetry_loss(G, ws[part], identity, cams=mirror)
+        if len(parts) > 1:  # accelerate divides every micro-batch's loss by their count; weigh it by its photos
+            loss = loss * ((part.stop - part.start) * len(parts) / len(targets))
         return loss
+
+    last_save = [time.monotonic()]
+
+    def on_step(done: int):
+        """Checkpoint every ckpt_every steps (the loop) and, between those, once ckpt_minutes have passed."""
+        now = time.monotonic()
+        due = cfg.ckpt_minutes is not None and now - last_save[0] >= 60 * cfg.ckpt_minutes
+        if done % cfg.ckpt_every == 0 or (due and done < cfg.steps):
+            if done % cfg.ckpt_every:  # the loop saves the other ones itself, right after this
+                loop.save()
+            last_save[0] = now
+            on_checkpoint()
 
     # run_info stays None: `_claim_work_dir` already checked the inputs (by content, before the phases)
     with TrainLoop(work, loop_cfg, models={"trained": holder}, optimizer=opt, lock=lock) as loop:
@@ -286,11 +457,11 @@ def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log) -> tu
                              f"rerun with steps >= {start} to finish it, or delete {work} to start over")
         if start:
             log(f"[personalize] resumed at step {start}")
-        loop.run(step)
+        loop.run(step, on_step=on_step)
     return sum(p.numel() for p in params), perceptual.name
 
 
-def _write_adapter(G, out: Path, cfg, base: str, names, ws, cams, summary: dict) -> None:
+def _write_adapter(G, out: Path, cfg, base: str, names, ws, cams, summary: dict, crops_png: bytes | None = None) -> None:
     from safetensors.torch import save_file
 
     from ..gan3d import lora
@@ -306,6 +477,8 @@ def _write_adapter(G, out: Path, cfg, base: str, names, ws, cams, summary: dict)
         save_file({"ws": ws.detach().cpu().contiguous()}, str(tmp / LATENTS))
         write_cameras(tmp / CAMERAS, names, cams.cpu())
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if crops_png is not None:
+            (tmp / CROPS).write_bytes(crops_png)
 
 
 def _file_sha256(path: Path) -> str:
