@@ -81,6 +81,18 @@ def test_budget_stop_checkpoints_and_resumes(tmp_path, straight, monkeypatch):
         _assert_identical(straight, _snapshot(loop))
 
 
+def test_time_based_checkpoints_come_between_step_based_ones(tmp_path, straight, monkeypatch):
+    clock = iter(range(0, 10_000, 60))  # one minute passes per reading
+    monkeypatch.setattr(loop_mod, "_now", lambda: next(clock))
+    work, saved = tmp_path / "work", []
+    with _loop(work, checkpoint_every=100, checkpoint_minutes=1.5) as loop:
+        assert loop.run(_step_fn(loop), on_save=saved.append) is True
+        _assert_identical(straight, _snapshot(loop))
+    # readings: start 0; after step 1 one minute has passed (no save), after step 2 two (save, clock
+    # restarts); and so on; the last step is saved as the end of the run, not by the clock
+    assert saved[-1] == STEPS and saved[:-1] and all(b - a == 2 for a, b in zip(saved, saved[1:-1]))
+
+
 def test_a_locked_work_folder_is_refused(tmp_path):
     work = tmp_path / "work"
     first = _loop(work)

@@ -15,6 +15,7 @@ from PIL import Image
 from planted import assert_planted_pickles_refused, payload
 from safetensors.torch import load_file
 
+import genfast.training.loop as loop_mod
 import genfast.training.personalize as pers
 from genfast.cli import main
 from genfast.data.heads import render_views, sample_identity
@@ -581,6 +582,7 @@ def test_time_based_checkpoints_and_minutes_over_resumed_runs(setup, straight, t
     names, images = load_photos(photos)
     clock = FakeTime()
     monkeypatch.setattr(pers, "time", clock)
+    monkeypatch.setattr(loop_mod, "_now", clock.monotonic)
     real, calls = pers.symmetry_loss, {"n": 0}
 
     def tick(*args, **kwargs):  # symmetry runs on steps 0 and 2 (FAST: symmetry_every=2)

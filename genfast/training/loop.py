@@ -45,6 +45,7 @@ def _now() -> float:
 class LoopConfig:
     steps: int
     checkpoint_every: int = 500
+    checkpoint_minutes: float | None = None  # also checkpoint once this long has passed since the last one
     max_minutes: float | None = None  # spent: checkpoint and return unfinished
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "no"
@@ -61,7 +62,7 @@ class LoopConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LoopConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ("max_minutes", "ema_power", "max_grad_norm"):
+        for name in ("max_minutes", "checkpoint_minutes", "ema_power", "max_grad_norm"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"LoopConfig.{name} must be None or > 0, got {value!r}")
@@ -352,18 +353,28 @@ class TrainLoop:
 
     # ---- the loop ----
     def run(self, step_fn: Callable[[int], torch.Tensor | tuple[torch.Tensor, dict]],
-            on_step: Callable[[int], None] | None = None) -> bool:
+            on_step: Callable[[int], None] | None = None, on_save: Callable[[int], None] | None = None) -> bool:
         """Run the remaining steps; True when all are done, False when stopped by max_minutes.
 
         step_fn(step) returns the loss of one micro-batch (or (loss, logs)); under grad_accum it is
         called `grad_accum` times per step with `self.micro` counting them. Its batch must be a
         pure function of (step, micro), or come from next_batch() / state registered in
         extra_state, so that a resumed run continues exactly. on_step(done) runs after each
-        optimizer step (and EMA update), before any checkpoint.
+        optimizer step (and EMA update), before any checkpoint; on_save(step) after each checkpoint
+        this run writes (every `checkpoint_every` steps, every `checkpoint_minutes`, at the budget, at the end).
         """
         cfg, acc = self.config, self.accelerator
         self.resume()
-        t0 = _now()
+        t0 = last_save = _now()
+
+        def save():
+            nonlocal last_save
+            self.save()
+            if cfg.checkpoint_minutes is not None:
+                last_save = _now()
+            if on_save is not None:
+                on_save(self.step)
+
         params = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.desc,
                    disable=not (cfg.progress and acc.is_local_main_process))
@@ -389,15 +400,17 @@ class TrainLoop:
                                                                for k, v in logs.items()})
                 if on_step is not None:
                     on_step(self.step)
-                if self.step % cfg.checkpoint_every == 0:
-                    self.save()
+                if self.step % cfg.checkpoint_every == 0 or (
+                        cfg.checkpoint_minutes is not None and self.step < cfg.steps
+                        and _now() - last_save >= 60 * cfg.checkpoint_minutes):
+                    save()
                 if (cfg.max_minutes is not None and self.step < cfg.steps
                         and _now() - t0 >= 60 * cfg.max_minutes):
                     if self._saved_step != self.step:
-                        self.save()
+                        save()
                     return False
             if self._saved_step != self.step:
-                self.save()  # a rerun after a crash while writing the outputs starts here, not from scratch
+                save()  # a rerun after a crash while writing the outputs starts here, not from scratch
             return True
         finally:
             bar.close()

@@ -420,8 +420,8 @@ def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log,
     holder = torch.nn.ParameterList(params)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.0, 0.99 ** 0.8))
     parts = chunks(len(targets), cfg.batch)
-    loop_cfg = LoopConfig(steps=cfg.steps, checkpoint_every=cfg.ckpt_every, grad_accum=len(parts),
-                          desc="personalize", progress=progress, cpu=device.type == "cpu")
+    loop_cfg = LoopConfig(steps=cfg.steps, checkpoint_every=cfg.ckpt_every, checkpoint_minutes=cfg.ckpt_minutes,
+                          grad_accum=len(parts), desc="personalize", progress=progress, cpu=device.type == "cpu")
     perceptual = _Perceptual(identity, cfg.identity_weight)
     g = torch.Generator()
 
@@ -437,18 +437,6 @@ def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log,
             loss = loss * ((part.stop - part.start) * len(parts) / len(targets))
         return loss
 
-    last_save = [time.monotonic()]
-
-    def on_step(done: int):
-        """Checkpoint every ckpt_every steps (the loop) and, between those, once ckpt_minutes have passed."""
-        now = time.monotonic()
-        due = cfg.ckpt_minutes is not None and now - last_save[0] >= 60 * cfg.ckpt_minutes
-        if done % cfg.ckpt_every == 0 or (due and done < cfg.steps):
-            if done % cfg.ckpt_every:  # the loop saves the other ones itself, right after this
-                loop.save()
-            last_save[0] = now
-            on_checkpoint()
-
     # run_info stays None: `_claim_work_dir` already checked the inputs (by content, before the phases)
     with TrainLoop(work, loop_cfg, models={"trained": holder}, optimizer=opt, lock=lock) as loop:
         start = loop.resume()
@@ -457,7 +445,7 @@ def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log,
                              f"rerun with steps >= {start} to finish it, or delete {work} to start over")
         if start:
             log(f"[personalize] resumed at step {start}")
-        loop.run(step, on_step=on_step)
+        loop.run(step, on_save=lambda _: on_checkpoint())
     return sum(p.numel() for p in params), perceptual.name
 
 
