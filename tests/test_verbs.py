@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 from test_feature_inheritance import hook_leftovers
 from tiny_pipelines import build, inputs
 
@@ -130,3 +130,23 @@ def test_accelerate_names_the_verb_of_another_method(pipe):
     with pytest.raises(ValueError, match="genfast.quantize"):
         genfast.accelerate(pipe, "quantize")
     assert set(genfast.list_methods("quantize")) == {"quantize"}
+
+
+def test_user_timesteps_and_sigmas_pass_through_the_scheduler_wrapper(pipe):
+    """diffusers' retrieve_timesteps inspects set_timesteps' signature before accepting them."""
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
+        sigmas = np.linspace(1.0, 0.05, 9).tolist()
+
+        def with_sigmas():
+            return np.asarray(pipe(**inputs("sd", steps=9), sigmas=sigmas).images)
+
+        baseline = with_sigmas()
+        with genfast.accelerate(pipe, "feature_inheritance", interval=3) as handle:
+            accelerated = with_sigmas()
+            assert handle.stats["partial"] > 0
+        assert not np.array_equal(accelerated, baseline)
+        assert np.array_equal(with_sigmas(), baseline)
+    finally:
+        pipe.scheduler = original

@@ -27,6 +27,7 @@ them and deletes what the registry left on the modules, so the pipeline is exact
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -521,6 +522,9 @@ class _SchedulerReset:
         self.had_own = "set_timesteps" in scheduler.__dict__
         self.original = original = scheduler.set_timesteps
 
+        # wraps: diffusers' retrieve_timesteps reads the signature to see whether the scheduler
+        # takes `timesteps=` / `sigmas=`; a bare (*args, **kwargs) would make it refuse them
+        @functools.wraps(original)
         def set_timesteps(*args, **kwargs):
             self.state.reset()
             return original(*args, **kwargs)
