@@ -53,9 +53,9 @@ from genfast.gan3d.adapter import CAMERAS, LATENTS
 from genfast.gan3d.cameras import camera_origin, ffhq_intrinsics, sample_cameras
 from genfast.gan3d.identity import identity_similarity, load_identity_encoder
 from genfast.gan3d.photos import load_photos, read_cameras
-from genfast.io import atomic_write_text
+from genfast.io import atomic_write_text, check_output
 from genfast.models import load_heads_prior
-from genfast.training.personalize import PersonalizeConfig, check_output, invert, personalize
+from genfast.training.personalize import PersonalizeConfig, invert, personalize
 
 REAL_MODES = ("none",)  # the centre-crop row; the aligned row's mode is --align
 

@@ -49,8 +49,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .gan3d.cameras import MAX_YAW
     from .gan3d.video import VIDEO_FORMATS, map_z, render_orbit, write_video
-    from .training.personalize import MAX_YAW, check_output
+    from .io import check_output
 
     bad = [o for o in args.out if Path(o).suffix.lower() not in VIDEO_FORMATS]
     if bad:  # before minutes of rendering
@@ -113,10 +114,9 @@ def cmd_head_photos(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data.heads import render_head, sample_identity
-    from .gan3d.cameras import ffhq_intrinsics, sample_cameras
+    from .gan3d.cameras import MAX_YAW, ffhq_intrinsics, sample_cameras
     from .gan3d.photos import write_cameras
-    from .io import atomic_dir
-    from .training.personalize import MAX_YAW, check_output
+    from .io import atomic_dir, check_output
 
     for name, value, low in (("--views", args.views, 1), ("--size", args.size, 16), ("--identity", args.identity, 0)):
         if value < low:
@@ -250,7 +250,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from .gan3d.adapter import load_personalized
     from .gan3d.cameras import frontal_camera
     from .gan3d.video import to_frames, write_video
-    from .training.personalize import PersonalizeConfig, check_output
+    from .io import check_output
+    from .training.personalize import PersonalizeConfig
 
     if args.steps < 2:
         raise ValueError(f"--steps must be an integer >= 2 (both ends are included), got {args.steps}")

@@ -53,3 +53,24 @@ def atomic_dir(path: str | os.PathLike):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(path: str | Path, folder: bool, what: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written: its parent missing or not a folder, a file
+    where a folder goes (or the reverse), or a place this process cannot create files in."""
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if not path.parent.is_dir():
+        raise ValueError(f"{what} {path}: {path.parent} " + ("is not a folder" if path.parent.exists()
+                                                            else "does not exist; create it first"))
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{what} {path} is an existing {'folder' if path.is_dir() else 'file'}; give a {kind} "
+                         f"name")
+    where = path if folder and path.is_dir() else path.parent
+    try:  # a real probe: permissions, read-only mounts and root all answer the same way
+        fd, probe = tempfile.mkstemp(dir=where, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot write in {where} ({err.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path

@@ -212,7 +212,3 @@ def parse_variants(method_specs: list[str] = (), folders: list[str | os.PathLike
         variants.append(v)
     return variants
 
-
-def parse_method_specs(specs: list[str]) -> list[Variant]:
-    """The variants of `--method` specs alone (see parse_variants)."""
-    return parse_variants(specs)

@@ -63,6 +63,7 @@ __all__ = [
 FFHQ_FOCAL = 4.2647  # fx = fy = 2985.29 / 700, what the FFHQ data set and My3DGen hard-code
 FFHQ_FOV_DEGREES = 18.837  # gen_samples.py / gen_videos.py; fov_to_intrinsics gives f = 4.2634
 AVG_CAMERA_RADIUS = 2.7
+MAX_YAW = 1.2  # rad either side of frontal: camera fitting and orbits keep yaw within this
 AVG_CAMERA_PIVOT = (0.0, 0.0, 0.2)
 
 # flat indices of the 16 pose entries that change sign under the x-mirror M P M

@@ -103,6 +103,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def tensor_hash(t: torch.Tensor) -> str:
+    """sha256 of a tensor's shape and float32 bytes: inputs are recorded by content, not by file name."""
+    t = t.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(f"{tuple(t.shape)}\n".encode() + t.numpy().tobytes()).hexdigest()
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path))
 

@@ -6,7 +6,6 @@ yaw, mirrored or not) must map close together; the class vectors are dropped aft
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gan3d.identity import EMBED_DIM, IdentityEncoder, save_identity_encoder
+from .checkpoint import tensor_hash
 from .loop import LoopConfig, TrainLoop
 
 
@@ -69,7 +69,7 @@ def train_identity_encoder(images: torch.Tensor, work_dir: str | Path, recipe: I
     opt = torch.optim.AdamW([*encoder.parameters(), *classes.parameters()], lr=recipe.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.1)
     config = LoopConfig(steps=recipe.steps, checkpoint_every=recipe.ckpt_every, desc="identity encoder")
-    images_sha256 = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+    images_sha256 = tensor_hash(images)
     run_info = {"recipe": {k: v for k, v in asdict(recipe).items() if k != "ckpt_every"},
                 "images": {"shape": list(images.shape), "sha256": images_sha256}}
     with TrainLoop(work_dir, config, {"encoder": encoder, "classes": classes}, opt, sched,

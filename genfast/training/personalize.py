@@ -18,12 +18,10 @@ was started with, by content), the cameras and latents phases (safetensors, thei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,9 +31,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..gan3d.adapter import CAMERAS, GENERATOR_DIR, LATENTS, LORA_DIR, SUMMARY
-from ..gan3d.cameras import camera_vector, ffhq_intrinsics, flip_yaw, lookat_pose, sample_cameras
+from ..gan3d.cameras import MAX_YAW, camera_vector, ffhq_intrinsics, flip_yaw, lookat_pose, sample_cameras
 from ..gan3d.identity import identity_similarity
-from ..io import atomic_dir, atomic_write_text
+from ..io import atomic_dir, atomic_write_text, check_output
+from .checkpoint import sha256_file, tensor_hash
 
 INPUTS = "inputs.json"  # in the work folder: what the unfinished run was started with, by content
 CROPS = "crops.png"  # in the adapter: the photos as the fitting saw them (aligned crops, landmarks)
@@ -43,7 +42,6 @@ PHASES = "phases.json"  # sha256 of each finished phase's safetensors file
 LATENT_SPACES = ("w", "w+")
 RESUMABLE_CHANGES = ("steps", "ckpt_every", "ckpt_minutes")  # settings a rerun may change and still resume
 SEGMENTS = "segments.json"  # in the work folder: wall time of each run (segment) of an unfinished personalization
-MAX_YAW = 1.2  # rad either side of frontal: camera fitting keeps yaw within this
 
 
 @dataclass(frozen=True)
@@ -259,12 +257,6 @@ def _trainable(G, cfg: PersonalizeConfig):
     return lora.lora_parameters(G)
 
 
-def tensor_hash(t: torch.Tensor) -> str:
-    """sha256 of a tensor's shape and float32 bytes: inputs are recorded by content, not by file name."""
-    t = t.detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(f"{tuple(t.shape)}\n".encode() + t.numpy().tobytes()).hexdigest()
-
-
 def work_dir_of(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".work")
@@ -368,27 +360,6 @@ class _Segments:
         atomic_write_text(self.path, json.dumps({"minutes": self.minutes()}) + "\n")
 
 
-def check_output(path: str | Path, folder: bool, what: str = "--out") -> Path:
-    """Refuse, before any work, an output that cannot be written: its parent missing or not a folder, a file
-    where a folder goes (or the reverse), or a place this process cannot create files in."""
-    path = Path(path)
-    kind = "folder" if folder else "file"
-    if not path.parent.is_dir():
-        raise ValueError(f"{what} {path}: {path.parent} " + ("is not a folder" if path.parent.exists()
-                                                            else "does not exist; create it first"))
-    if path.exists() and path.is_dir() != folder:
-        raise ValueError(f"{what} {path} is an existing {'folder' if path.is_dir() else 'file'}; give a {kind} "
-                         f"name")
-    where = path if folder and path.is_dir() else path.parent
-    try:  # a real probe: permissions, read-only mounts and root all answer the same way
-        fd, probe = tempfile.mkstemp(dir=where, prefix=f".{path.name}.", suffix=".probe")
-    except OSError as err:
-        raise ValueError(f"{what} {path}: cannot write in {where} ({err.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
-    return path
-
-
 def check_adapter_out(out: str | Path) -> Path:
     """`check_output` for an adapter folder, which a run replaces whole: an existing folder must be an adapter
     (or empty), and its work folder, if any, a folder."""
@@ -469,14 +440,6 @@ def _write_adapter(G, out: Path, cfg, base: str, names, ws, cams, summary: dict,
             (tmp / CROPS).write_bytes(crops_png)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _phase(work: Path, name: str, compute) -> torch.Tensor:
     """A finished phase's tensor from `work/<name>.safetensors` (checked against its recorded sha256),
     or `compute()` now and keep it there. Exact float round trip: a resumed run uses the same values."""
@@ -485,7 +448,7 @@ def _phase(work: Path, name: str, compute) -> torch.Tensor:
     file, index = work / f"{name}.safetensors", work / PHASES
     done = json.loads(index.read_text()) if index.is_file() else {}
     if name in done:
-        if not file.is_file() or _file_sha256(file) != done[name]:
+        if not file.is_file() or sha256_file(file) != done[name]:
             raise ValueError(f"{file} is missing or was changed after the {name} phase wrote it; "
                              f"delete {work} to start afresh")
         return load_file(str(file))["value"]
@@ -493,7 +456,7 @@ def _phase(work: Path, name: str, compute) -> torch.Tensor:
     tmp = file.with_name(f".{file.name}.tmp")
     save_file({"value": value.cpu()}, str(tmp))
     os.replace(tmp, file)
-    atomic_write_text(index, json.dumps({**done, name: _file_sha256(file)}, indent=2) + "\n")
+    atomic_write_text(index, json.dumps({**done, name: sha256_file(file)}, indent=2) + "\n")
     return value
 
 
