@@ -274,7 +274,10 @@ def test_options_that_would_do_nothing_are_refused(options, message):
 
 def test_configs_that_do_the_same_work_are_equal():
     """A sweep can tell two rows apart only by what they do: defaults are filled in where they matter."""
-    assert FeatureInheritanceConfig() == FeatureInheritanceConfig(interval=3, branch=0)
+    assert FeatureInheritanceConfig(level="layer") == FeatureInheritanceConfig(interval=3, branch=0)
+    assert FeatureInheritanceConfig().for_denoiser("unet") == FeatureInheritanceConfig(level="layer")
+    assert FeatureInheritanceConfig().for_denoiser("transformer") == FeatureInheritanceConfig(level="block")
+    assert FeatureInheritanceConfig(reuse="taylor") == FeatureInheritanceConfig(reuse="taylor", order=1)
     assert FeatureInheritanceConfig(level="block") == FeatureInheritanceConfig(level="block", interval=3)
     assert FeatureInheritanceConfig(schedule="nonuniform") == FeatureInheritanceConfig(
         schedule="nonuniform", center=0.3, power=1.4, interval=3)
