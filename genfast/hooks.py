@@ -25,7 +25,15 @@ def attach(module: torch.nn.Module, hook: ModelHook, name: str) -> tuple[torch.n
 
 def detach(module: torch.nn.Module, name: str) -> None:
     registry = module._diffusers_hook
+    index = registry._hook_order.index(name) if name in registry.hooks else None
+    later = registry._fn_refs[index + 1] if index is not None and index + 1 < len(registry._fn_refs) else None
+    own_forward = later.forward if later is not None else None
     registry.remove_hook(name, recurse=False)
+    if later is not None and later.original_forward is not None:
+        # a hook registered after ours that replaces forward (`new_forward`, e.g. diffusers' own
+        # caches) must keep it: diffusers 0.42's remove_hook puts the inner forward in its place,
+        # so the later hook would be bypassed; the inner forward is what it should call instead
+        later.original_forward, later.forward = later.forward, own_forward
     if registry.hooks or module not in _CREATED:
         return
     had_forward = _CREATED.pop(module)
