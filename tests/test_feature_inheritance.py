@@ -299,3 +299,27 @@ def test_dit_blocks_take_several_spans(pipes):
     with pytest.raises(ValueError, match="overlap"):
         genfast.accelerate(pipe, "feature_inheritance", level="block", blocks=("0:2", "1:3"))
     assert hook_leftovers(pipe) == []
+
+
+@pytest.mark.parametrize("processor", ["classic", "sliced", "sdpa"])
+def test_attention_processors_underneath(pipes, processor):
+    """Feature inheritance hooks modules, not attention math: any processor diffusers ships works below it."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    pipe = pipes["sd"]
+    pipe.scheduler = SCHEDULERS["ddim"](pipe.scheduler.config)
+    original = pipe.unet.attn_processors
+    if processor == "sliced":
+        pipe.enable_attention_slicing(1)
+    else:
+        pipe.unet.set_attn_processor(AttnProcessor() if processor == "classic" else AttnProcessor2_0())
+    try:
+        baseline = run(pipe, "sd")
+        for options in (dict(), dict(level="unit", units=("attn1", "attn2"))):
+            with genfast.accelerate(pipe, "feature_inheritance", interval=1, **options):
+                assert np.array_equal(run(pipe, "sd"), baseline)
+            with genfast.accelerate(pipe, "feature_inheritance", interval=3, **options):
+                assert not np.array_equal(run(pipe, "sd"), baseline)
+        assert np.array_equal(run(pipe, "sd"), baseline)
+    finally:
+        pipe.unet.set_attn_processor(original)

@@ -28,8 +28,9 @@ def run(pipe, kind, steps=8, **kw):
 
 def leftovers(pipe):
     """Modules carrying hooks, instance forwards or handle records, and a wrapped set_timesteps."""
-    model = denoiser(pipe)
-    found = {name for name, mod in model.named_modules()
+    models = {"": denoiser(pipe), "transformer_2.": getattr(pipe, "transformer_2", None)}
+    found = {prefix + name for prefix, model in models.items() if model is not None
+             for name, mod in model.named_modules()
              if hasattr(mod, "_diffusers_hook") or "forward" in mod.__dict__ or "_genfast_handles" in mod.__dict__}
     if "set_timesteps" in pipe.scheduler.__dict__:
         found.add("scheduler.set_timesteps")
@@ -193,3 +194,28 @@ def test_another_librarys_cache_attached_later_survives_remove():
     finally:
         pipe.transformer.disable_cache()
     assert np.array_equal(run(pipe, "flux"), baseline)
+
+
+def test_sd3_skip_layer_guidance_runs_as_its_own_context():
+    """SD3's skip-layer guidance calls the transformer a second time per step, outside any cache_context."""
+    pipe = pipe_of("sd3")
+    slg = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    baseline = run(pipe, "sd3", **slg)
+    with genfast.accelerate(pipe, "feature_inheritance", interval=3) as handle:
+        out = run(pipe, "sd3", **slg)
+        assert np.array_equal(run(pipe, "sd3", **slg), out)
+    mask = handle.schedule_for(8)
+    # two calls of 8 steps and two skip-layer passes over steps 1..7, whose first has nothing to reuse
+    assert sum(handle.stats.values()) == 2 * (8 + 7)
+    assert handle.stats["full"] == 2 * (sum(mask) + 1 + sum(mask[2:]))
+    assert not np.array_equal(out, baseline)
+
+
+def test_wan22_second_expert_is_accelerated_too():
+    pipe = pipe_of("wan22")
+    with genfast.accelerate(pipe, "feature_inheritance") as handle:
+        assert pipe.transformer_2 in handle.modules
+        run(pipe, "wan22")
+    mask = handle.schedule_for(8)
+    # cond and uncond: both experts together follow one schedule of 8 steps
+    assert handle.stats == {"full": 2 * sum(mask), "partial": 2 * (8 - sum(mask))}

@@ -4,7 +4,8 @@ Same classes as the real thing (SD-1.x-shaped, SDXL-shaped with added conditioni
 inpaint, ControlNet, DiT, PixArt-alpha), random weights, 32x32 images. The tokenizer is genfast-mini's.
 
 NEW_KINDS are the transformer and video families (SD3/SD3.5, Flux with and without true CFG, Sana,
-AuraFlow, HunyuanDiT, LTX, Wan, CogVideoX, Mochi, HunyuanVideo, AnimateDiff). Every pipeline takes
+AuraFlow, HunyuanDiT, LTX, Wan 2.1 and 2.2 (two experts), CogVideoX, Mochi, HunyuanVideo,
+AnimateDiff). Every pipeline takes
 genfast-mini's CLIP tokenizer in place of its T5/Gemma/Llama/BERT one: diffusers only calls it
 (padding="max_length", truncation), and each text encoder's vocabulary is sized to it. Nothing is
 downloaded.
@@ -81,15 +82,15 @@ from transformers import (
 from genfast.models import ASSETS
 
 KINDS = ("sd", "sdxl", "img2img", "inpaint", "controlnet", "dit", "pixart")
-NEW_KINDS = ("sd3", "sd35", "flux", "flux_truecfg", "sana", "auraflow", "hunyuandit", "ltx", "wan", "cogvideox",
-             "mochi", "hunyuanvideo", "animatediff")
+NEW_KINDS = ("sd3", "sd35", "flux", "flux_truecfg", "sana", "auraflow", "hunyuandit", "ltx", "wan", "wan22",
+             "cogvideox", "mochi", "hunyuanvideo", "animatediff")
 ALL_KINDS = KINDS + NEW_KINDS
-VIDEO_KINDS = ("ltx", "wan", "cogvideox", "mochi", "hunyuanvideo", "animatediff")
+VIDEO_KINDS = ("ltx", "wan", "wan22", "cogvideox", "mochi", "hunyuanvideo", "animatediff")
 # Kinds whose pipeline calls the denoiser twice per step, once inside cache_context("cond") and once
 # inside cache_context("uncond") (true CFG). The others batch cond and uncond into one call (LTX,
 # CogVideoX and Mochi inside cache_context("cond_uncond"), the rest with no context); plain "flux"
 # is guidance-distilled (guidance is an embedding) and makes one unbatched call.
-TWO_PASS = {kind: kind in ("flux_truecfg", "wan", "hunyuanvideo") for kind in ALL_KINDS}
+TWO_PASS = {kind: kind in ("flux_truecfg", "wan", "wan22", "hunyuanvideo") for kind in ALL_KINDS}
 SCHEDULERS = {
     "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
     "dpm++2m": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
@@ -351,7 +352,8 @@ def _ltx():
     return LTXPipeline(scheduler=_flow(), vae=vae, text_encoder=_t5(tok), tokenizer=tok, transformer=_wake(transformer))
 
 
-def _wan():
+def _wan(two_experts=False):
+    """two_experts: Wan 2.2's layout, `transformer_2` takes the steps below half the noise."""
     tok = tokenizer()
     vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
@@ -359,8 +361,12 @@ def _wan():
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=32,
     )
+    expert = None
+    if two_experts:
+        expert = _wake(WanTransformer3DModel.from_config(transformer.config))
     return WanPipeline(tokenizer=tok, text_encoder=_t5(tok, cls=UMT5EncoderModel, config=UMT5Config),
-                       vae=vae.eval(), scheduler=_flow(), transformer=_wake(transformer))
+                       vae=vae.eval(), scheduler=_flow(), transformer=_wake(transformer), transformer_2=expert,
+                       boundary_ratio=0.5 if two_experts else None)
 
 
 def _cogvideox():
@@ -434,7 +440,7 @@ def _animatediff():
 
 _BUILDERS = {
     "sd3": _sd3, "sd35": lambda: _sd3(sd35=True), "flux": _flux, "sana": _sana, "auraflow": _auraflow,
-    "hunyuandit": _hunyuandit, "ltx": _ltx, "wan": _wan, "cogvideox": _cogvideox, "mochi": _mochi,
+    "hunyuandit": _hunyuandit, "ltx": _ltx, "wan": _wan, "wan22": lambda: _wan(two_experts=True), "cogvideox": _cogvideox, "mochi": _mochi,
     "hunyuanvideo": _hunyuanvideo, "animatediff": _animatediff,
 }
 
@@ -452,7 +458,7 @@ def _new_inputs(kind, steps, gen, batch):
         args.update(height=64, width=64, use_resolution_binning=False)
     elif kind == "ltx":
         args.update(num_frames=9, max_sequence_length=16)
-    elif kind in ("wan", "cogvideox"):  # their VAEs downsample 8x
+    elif kind in ("wan", "wan22", "cogvideox"):  # their VAEs downsample 8x
         args.update(height=64, width=64, num_frames=9, max_sequence_length=16)
     elif kind == "mochi":
         args.update(height=64, width=64, num_frames=7, max_sequence_length=16)

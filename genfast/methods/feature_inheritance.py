@@ -238,6 +238,7 @@ class _Track:
     """Where one context (the whole call, or diffusers' "cond" / "uncond") is in the current call."""
 
     index: int = 0
+    first: int = 0  # the index of its first call
     n_calls: int = 0
     full_mask: list[bool] = field(default_factory=list)
     calibrating: bool = False
@@ -279,7 +280,12 @@ class _StepState:
     def enter(self, name: str) -> _Track:
         track = self.tracks.get(name)
         if track is None:
+            started = [t.index for t in self.tracks.values()]
             track = self.tracks[name] = self._begin()
+            if started:  # a context that joins late (SD3's skip-layer pass from step 1) counts from there;
+                # the contexts already running have been called this step
+                track.index = min(max(started) - 1, track.n_calls - 1)
+            track.first = track.index
         self.track, self.running = track, name
         return track
 
@@ -336,7 +342,8 @@ class _StepHook(ModelHook):
         s = self.state
         s.follow()
         track = s.enter(s.context_name(kwargs))
-        s.full = track.full_mask[track.index]
+        # a context's first call has nothing to reuse yet
+        s.full = track.full_mask[track.index] or track.index == track.first
         s.counts["full" if s.full else "partial"] += 1
         return args, kwargs
 
@@ -650,20 +657,23 @@ def _denoiser(pipe):
 
 
 def _plan(pipe, cfg):
+    """[(denoiser, [(module, mode)])] for the pipeline's denoiser and any second expert, and the config."""
     denoiser, kind = _denoiser(pipe)
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"{type(pipe).__name__} has no scheduler: feature_inheritance needs a diffusers pipeline")
     cfg = cfg.for_denoiser(kind)
-    if kind == "unet":
-        plan = {"layer": _unet_layer_plan, "block": _unet_block_plan, "unit": _unit_plan}[cfg.level](denoiser, cfg)
-    else:
-        if cfg.level == "layer":
-            raise ValueError(
-                "level='layer' needs a UNet (a shallow branch with skip connections); "
-                "for transformers use level='block' (the default there) or level='unit'"
-            )
-        plan = {"block": _transformer_block_plan, "unit": _unit_plan}[cfg.level](denoiser, cfg)
-    return denoiser, plan, cfg
+    if kind == "transformer" and cfg.level == "layer":
+        raise ValueError(
+            "level='layer' needs a UNet (a shallow branch with skip connections); "
+            "for transformers use level='block' (the default there) or level='unit'"
+        )
+    planners = {"layer": _unet_layer_plan, "block": _unet_block_plan, "unit": _unit_plan} if kind == "unet" else \
+        {"block": _transformer_block_plan, "unit": _unit_plan}
+    # Wan 2.2 hands the low-noise steps to `transformer_2`: it gets the same plan, and the step
+    # count runs on across the hand-over
+    expert = getattr(pipe, "transformer_2", None)
+    denoisers = [denoiser] + ([expert] if isinstance(expert, torch.nn.Module) and expert is not denoiser else [])
+    return [(d, planners[cfg.level](d, cfg)) for d in denoisers], cfg
 
 
 def _invalidate(denoiser):
@@ -751,14 +761,16 @@ class FeatureInheritanceHandle(Handle):
 @register_method("feature_inheritance", FeatureInheritanceConfig,
                  "training-free step skipping: reuse block / layer / unit features between steps")
 def apply(pipe, config: FeatureInheritanceConfig) -> FeatureInheritanceHandle:
-    denoiser, plan, config = _plan(pipe, config)
-    modules = [denoiser] + [module for module, _ in plan]
+    plans, config = _plan(pipe, config)
+    modules = [m for denoiser, plan in plans for m in [denoiser] + [module for module, _ in plan]]
     claim("feature_inheritance", modules)
     state = _StepState(pipe, config)
-    attached = [attach(denoiser, _StepHook(state), f"{HOOK_PREFIX}_step")]
-    for k, (module, mode) in enumerate(plan):
-        attached.append(attach(module, _ReuseHook(state, module, mode), f"{HOOK_PREFIX}_{k}"))
-    _invalidate(denoiser)
+    attached = []
+    for denoiser, plan in plans:
+        attached.append(attach(denoiser, _StepHook(state), f"{HOOK_PREFIX}_step"))
+        for k, (module, mode) in enumerate(plan):
+            attached.append(attach(module, _ReuseHook(state, module, mode), f"{HOOK_PREFIX}_{k}"))
+        _invalidate(denoiser)
     reset = _SchedulerReset(pipe, state)
     state.follow = reset.follow
 
@@ -766,7 +778,8 @@ def apply(pipe, config: FeatureInheritanceConfig) -> FeatureInheritanceHandle:
         reset.undo()
         for entry in reversed(attached):
             detach(*entry)
-        _invalidate(denoiser)
+        for denoiser, _ in plans:
+            _invalidate(denoiser)
         state.reset()
 
     return FeatureInheritanceHandle(pipe, config, state, undo, modules)
