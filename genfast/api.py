@@ -58,7 +58,7 @@ def list_methods(verb: str | None = None) -> dict[str, str]:
 
 def _load_builtin_methods():
     from .methods import feature_inheritance  # noqa: F401  (registers itself)
-    from .quant import fake  # noqa: F401
+    from .quant import quantize  # noqa: F401  (registers itself)
 
 
 class Handle:

@@ -1,8 +1,7 @@
-"""Quantization of diffusers denoisers. Today: integer weight formats, simulated (`fake.py`).
+"""Quantization of diffusers denoisers: weight formats (`formats.py`), bit-packing (`pack.py`), the
+packed layer weight (`layers.py`) and the `genfast.quantize` verb (`quantize.py`)."""
 
-The packed checkpoints, float formats, activations and kernels of issue 14 build on this config.
-"""
-
-from .fake import QuantConfig, quantize
+from .config import QuantConfig
+from .quantize import quantize
 
 __all__ = ["QuantConfig", "quantize"]

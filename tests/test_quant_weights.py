@@ -6,7 +6,8 @@ import torch
 from tiny_pipelines import build, inputs
 
 import genfast
-from genfast.quant.fake import QuantConfig, fake_quantize, quantizable
+from genfast.quant.config import QuantConfig
+from genfast.quant.quantize import quantizable
 
 
 @pytest.mark.parametrize("granularity", ["channel", "tensor", "group:8"])
