@@ -51,7 +51,7 @@ class QuantConfig:
             self.granularity = "channel" if self.granularity is None else self.granularity
             parse_granularity(self.granularity)
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")  # noqa: TRY004 (configs raise ValueError)
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
         if fmt.family != "int" and self.symmetric is False:
             raise ValueError(f"symmetric=False applies to integer formats only; {self.weights} is symmetric by "
                              f"construction: drop it")
@@ -69,7 +69,7 @@ class QuantConfig:
             if not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= 1000:
                 raise ValueError(f"timestep_groups must be an integer in [1, 1000], got {self.timestep_groups!r}")
             if not isinstance(self.split_skip, bool):
-                raise ValueError(f"split_skip must be true or false, got {self.split_skip!r}")  # noqa: TRY004
+                raise ValueError(f"split_skip must be true or false, got {self.split_skip!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
