@@ -3,7 +3,8 @@
 from .api import Handle, accelerate, list_methods
 from .models import load_evaluator, load_mini
 from .quant import QuantConfig, quantize
+from .quant.saving import load_pipeline, save_quantized
 
 __version__ = "0.1.0"
 __all__ = ["Handle", "QuantConfig", "__version__", "accelerate", "list_methods", "load_evaluator", "load_mini",
-           "quantize"]
+           "load_pipeline", "quantize", "save_quantized"]

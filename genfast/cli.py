@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -50,7 +51,8 @@ def cmd_generate(args) -> int:
     import torch
 
     from .eval.plots import save_image_grid
-    from .models import load_mini, load_pipeline
+    from .models import load_mini
+    from .quant.saving import load_pipeline
 
     prompts = _read_prompts(args)
     pipe = load_pipeline(args.pipeline) if args.pipeline else load_mini()
@@ -86,6 +88,60 @@ def cmd_compare(args) -> int:
         for row in report["variants"]:
             print(f"{row['name']:<48} {row['speedup']:5.2f}x  PSNR {row['faithfulness']['psnr']:6.2f} dB")
         print(f"wrote {args.out}/report.md, report.json, grid.png, pareto.png")
+    return 0
+
+
+@contextlib.contextmanager
+def _layer_progress(total: int, desc: str):
+    """A tqdm bar over the layers genfast.quantize packs.
+
+    genfast.quantize takes no progress callback; its quantize_layer registers each layer's weight as
+    a buffer before packing it, which torch's global buffer-registration hook reports."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .quant.quantize import LAYER_TYPES
+
+    with tqdm(total=total, desc=desc, unit="layer") as progress:
+        def tick(module, name, _buffer):
+            if name == "weight" and isinstance(module, LAYER_TYPES):
+                progress.update()
+
+        hook = torch.nn.modules.module.register_module_buffer_registration_hook(tick)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from .models import MINI, asset_path
+    from .pipelines import denoiser_of
+    from .quant import QuantConfig, quantize
+    from .quant.quantize import quantizable
+    from .quant.saving import check_out, folder_bytes, is_quantized_folder, load_pipeline, save_quantized, weights_dtype
+
+    options = {} if args.skip is None else {"skip": tuple(args.skip)}
+    config = QuantConfig(weights=args.weights, granularity=args.granularity, symmetric=args.symmetric, **options)
+    out = check_out(args.out, what="--out")  # before any work
+    src = Path(args.pipeline) if args.pipeline else asset_path(MINI)
+    if is_quantized_folder(src):
+        raise CLIError(f"{src} is already a genfast quantized pipeline; quantize the float pipeline it came from")
+    if not (src / "model_index.json").is_file():
+        raise CLIError(f"no diffusers pipeline at {src}: expected a folder with model_index.json")
+    dtype = weights_dtype(src) if args.dtype == "auto" else getattr(torch, args.dtype)
+    pipe = load_pipeline(src, args.device, dtype)
+    model = denoiser_of(pipe)
+    attr = next(name for name, c in pipe.components.items() if c is model)
+    with _layer_progress(len(quantizable(model, config.skip)), f"quantizing {attr} to {config.weights}"):
+        handle = quantize(pipe, config)
+    save_quantized(pipe, out, handle)
+    before, after = folder_bytes(src / attr), folder_bytes(out / attr)
+    scales = config.granularity or f"block:{config.format.block}"
+    print(f"{handle.stats['quantized_layers']} layers of {attr} -> {config.weights} ({scales}, {dtype}): "
+          f"{attr}/ {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB on disk ({after / before:.3f}x); wrote {out}")
     return 0
 
 
@@ -159,6 +215,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     c.add_argument("--out", default="outputs/compare")
     c.set_defaults(func=cmd_compare)
+
+    q = sub.add_parser("quantize", help="quantize a pipeline's denoiser and save it as a pipeline folder "
+                                        "(bit-packed codes + scales in safetensors, a JSON config)")
+    q.add_argument("pipeline", nargs="?", metavar="PIPELINE_DIR",
+                   help="a local diffusers pipeline folder (default: embedded genfast-mini)")
+    q.add_argument("--weights", required=True,
+                   help="int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, mxfp8, mxfp6, mxfp4, nvfp4")
+    q.add_argument("--granularity", help="channel (default), tensor or group:N; not for mx*/nvfp4 (fixed blocks)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_const", const=True, default=None,
+                     help="integer formats: a grid around 0 (the default)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False,
+                     help="integer formats: min/max with a zero point")
+    q.add_argument("--skip", nargs="*", metavar="PATTERN",
+                   help="module names (fnmatch patterns) left in float, replacing the default list (first and "
+                        "last conv, embeddings); --skip alone quantizes every Linear and Conv2d")
+    q.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="dtype the pipeline is loaded, quantized and saved in; auto: that of its weights on disk")
+    q.add_argument("--device", default="cpu", help="where the weights are quantized (cpu, cuda ...)")
+    q.add_argument("--out", required=True, help="the quantized pipeline folder to write (new, empty, or a "
+                                                "quantized folder, which is replaced)")
+    q.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("train-mini", help="train genfast-mini and its evaluator from scratch (CPU, ~1 h)")
     t.add_argument("--out", default="assets", help="where the models are written")

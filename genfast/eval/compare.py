@@ -73,7 +73,8 @@ def _is_mini(pipeline: str | None) -> bool:
 
 
 def _load(settings: CompareSettings, device):
-    from ..models import load_mini, load_pipeline
+    from ..models import load_mini
+    from ..quant.saving import load_pipeline  # any pipeline folder, genfast quantized ones included
 
     dtype = getattr(torch, settings.dtype)
     pipe = load_mini(device, dtype) if settings.pipeline is None else load_pipeline(settings.pipeline, device, dtype)
@@ -140,7 +141,7 @@ def _variant_pipeline(variant: Variant, base: _Generator, settings: CompareSetti
     """The generator a variant runs on: the baseline pipeline, or its own folder loaded like the baseline."""
     if variant.folder is None:
         return base
-    from ..models import load_pipeline
+    from ..quant.saving import load_pipeline  # any pipeline folder, genfast quantized ones included
 
     pipe = load_pipeline(variant.folder, device, getattr(torch, settings.dtype))
     pipe.set_progress_bar_config(disable=True)

@@ -16,8 +16,9 @@ A variant is one of three kinds, all measured the same way and shown in the same
 
     quantize:weights=int8+feature_inheritance:interval=2,3     two chains
 
-* a pipeline folder on disk (`--pipeline-variant DIR`): an assembled or quantized model saved
-  with save_pretrained, loaded like the baseline and run on the same prompts and seeds.
+* a pipeline folder on disk (`--pipeline-variant DIR`): an assembled model saved with save_pretrained
+  or a quantized one saved with genfast.save_quantized (read by genfast.load_pipeline), loaded like
+  the baseline and run on the same prompts and seeds.
 
 Every spec is validated (unknown method or option, bad value, an option with no effect) before
 anything is loaded, and two variants that would do the same work are refused.

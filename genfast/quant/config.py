@@ -66,13 +66,17 @@ class QuantConfig:
         if self.activations is not None:
             self.timestep_groups = 4 if self.timestep_groups is None else self.timestep_groups
             self.split_skip = True if self.split_skip is None else self.split_skip
-            if not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= 1000:
+            if isinstance(self.timestep_groups, bool) or not isinstance(self.timestep_groups, int) \
+                    or not 1 <= self.timestep_groups <= 1000:
                 raise ValueError(f"timestep_groups must be an integer in [1, 1000], got {self.timestep_groups!r}")
             if not isinstance(self.split_skip, bool):
                 raise ValueError(f"split_skip must be true or false, got {self.split_skip!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
+        if not isinstance(skip, (tuple, list)) or not all(isinstance(p, str) for p in skip):
+            raise ValueError(f"skip must be module-name patterns (a string or a tuple of strings), got {self.skip!r}")
+        self.skip = tuple(skip)
 
     @property
     def format(self):

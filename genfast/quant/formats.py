@@ -11,6 +11,7 @@ code layout, so that one packer and one checkpoint format serve them all, and Co
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -40,10 +41,12 @@ class Format:
 
     @property
     def max_value(self) -> float:
-        """The largest finite magnitude of a float element (OCP / IEEE-style, no inf)."""
-        if self.name.endswith("e4m3"):
-            return 448.0  # e4m3fn: the all-ones mantissa at the top exponent is NaN
-        if self.name.endswith("e5m2"):
+        """The largest finite element value (float formats: OCP / IEEE-style, no inf; int: 2**(bits-1) - 1)."""
+        if self.family == "int":
+            return float(2 ** (self.bits - 1) - 1)
+        if (self.bits, self.ebits) == (8, 4):  # e4m3fn (fp8_e4m3, mxfp8): all-ones mantissa at the top exponent is NaN
+            return 448.0
+        if (self.bits, self.ebits) == (8, 5):  # e5m2: IEEE-like, the top exponent is inf / NaN
             return 57344.0
         bias = 2 ** (self.ebits - 1) - 1
         return 2.0 ** (2**self.ebits - 1 - bias) * (2 - 2.0**-self.mbits)
@@ -90,7 +93,7 @@ class Encoded:
 
     codes: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor | None = None  # asymmetric integers: the zero point, per scale
+    zero: torch.Tensor | None = None  # asymmetric integers: the zero point (uint8), per scale
     tensor_scale: torch.Tensor | None = None  # nvfp4: the fp32 scale over the block scales
 
 
@@ -132,7 +135,8 @@ def encode(weight: torch.Tensor, fmt: Format, granularity: str = "channel", symm
         scale, zero = choose_qparams_affine(w, mapping, block, dtype, qmin, qmax, eps=1e-12,
                                             scale_dtype=torch.float32, zero_point_dtype=torch.int32)
         q = quantize_affine(w, block, scale, zero, dtype, qmin, qmax)
-        return Encoded((q.int() - qmin).to(torch.uint8), scale, None if symmetric else zero)
+        # the zero point lies in [0, 2**bits - 1] (torchao clamps it there): a byte holds it, not int32's four
+        return Encoded((q.int() - qmin).to(torch.uint8), scale, None if symmetric else zero.to(torch.uint8))
     if fmt.family == "float":
         block = _block_shape(fmt, granularity, rows, width)
         amax = _scaled_rows(w, block).abs().amax(dim=1, keepdim=True)
@@ -160,7 +164,15 @@ def _float_codes(x: torch.Tensor, fmt: Format) -> torch.Tensor:
 def _float_values(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     if fmt.bits == 8:
         return codes.view(_FP8.get(fmt.name, torch.float8_e4m3fn)).float()
-    return _floatx_unpacked_to_f32(codes, fmt.ebits, fmt.mbits)
+    # a table of torchao's decoder over all 2**bits codes: the same values, read with one gather
+    # (torchao's bit arithmetic costs ~10x more, and this runs on every forward)
+    return _value_table(fmt.ebits, fmt.mbits, codes.device)[codes.int()]
+
+
+@functools.cache
+def _value_table(ebits: int, mbits: int, device: torch.device) -> torch.Tensor:
+    codes = torch.arange(2 ** (1 + ebits + mbits), dtype=torch.uint8)
+    return _floatx_unpacked_to_f32(codes, ebits, mbits).to(device)
 
 
 def decode(enc: Encoded, fmt: Format, granularity: str, symmetric: bool, cols: int) -> torch.Tensor:
@@ -170,7 +182,7 @@ def decode(enc: Encoded, fmt: Format, granularity: str, symmetric: bool, cols: i
         qmin, qmax, dtype = _int_range(fmt, symmetric)
         block = _block_shape(fmt, granularity, rows, width)
         q = (enc.codes.int() + qmin).to(dtype)
-        zero = enc.zero if enc.zero is not None else torch.zeros_like(enc.scale, dtype=torch.int32)
+        zero = enc.zero.int() if enc.zero is not None else torch.zeros_like(enc.scale, dtype=torch.int32)
         w = dequantize_affine(q, block, enc.scale, zero, dtype, qmin, qmax, output_dtype=torch.float32)
     elif fmt.family == "float":
         block = _block_shape(fmt, granularity, rows, width)
@@ -182,7 +194,8 @@ def decode(enc: Encoded, fmt: Format, granularity: str, symmetric: bool, cols: i
     else:
         x = _float_values(enc.codes, fmt).reshape(rows, -1, fmt.block)
         block_scale = enc.scale.view(torch.float8_e4m3fn).float().reshape(rows, -1, 1)
-        w = (x * block_scale * enc.tensor_scale).reshape(rows, width)
+        # tensor scale times block scale first, as torchao's NVFP4Tensor.dequantize: same rounding
+        w = (x * (enc.tensor_scale * block_scale)).reshape(rows, width)
     return w[:, :cols]
 
 

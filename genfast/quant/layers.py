@@ -36,7 +36,9 @@ class PackedWeight(torch.nn.Module):
     def __init__(self, fmt: Format, granularity: str | None, symmetric: bool | None, shape, dtype: torch.dtype):
         super().__init__()
         self.fmt, self.granularity, self.symmetric = fmt, granularity or "channel", bool(symmetric)
-        self.shape, self.dtype = tuple(shape), dtype
+        self.shape = tuple(shape)
+        # the dtype the weight decodes to follows model.to(dtype) through this empty buffer
+        self.register_buffer("dtype_marker", torch.empty(0, dtype=dtype), persistent=False)
         self.rows = self.shape[0]
         self.cols = 1
         for s in self.shape[1:]:
@@ -51,8 +53,13 @@ class PackedWeight(torch.nn.Module):
         packed = pack_codes(enc.codes, self.fmt.bits)
         return tuple(packed if name == "codes" else getattr(enc, name) for name in self.fields)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dtype_marker.dtype
+
     def forward(self, *stored: torch.Tensor) -> torch.Tensor:
-        parts = dict(zip(self.fields, stored))
+        # scales are fp32; a model moved to fp16 / bf16 has cast them along with its other buffers
+        parts = {k: v.float() if v.is_floating_point() and k != "codes" else v for k, v in zip(self.fields, stored)}
         codes = unpack_codes(parts.pop("codes"), self.fmt.bits, (self.rows, self.width))
         w = decode(Encoded(codes, **parts), self.fmt, self.granularity, self.symmetric, self.cols)
         return w.reshape(self.shape).to(self.dtype)
@@ -66,7 +73,13 @@ def quantize_layer(layer: torch.nn.Module, fmt: Format, granularity: str | None,
     # that require grad, and the codes are not trained
     del layer.weight
     layer.register_buffer("weight", weight.detach())
-    parametrize.register_parametrization(layer, "weight", param, unsafe=True)
+    try:
+        parametrize.register_parametrization(layer, "weight", param, unsafe=True)
+    except BaseException:  # encoding failed (out of memory, say): the layer keeps its Parameter
+        del layer.weight
+        layer.weight = weight
+        _weight_first(layer)
+        raise
 
 
 def dequantize_layer(layer: torch.nn.Module, original: torch.nn.Parameter | None = None) -> None:
@@ -77,6 +90,16 @@ def dequantize_layer(layer: torch.nn.Module, original: torch.nn.Parameter | None
     layer._buffers.pop("weight", None)
     layer._parameters.pop("weight", None)
     layer.weight = original if original is not None else torch.nn.Parameter(decoded, requires_grad=False)
+    _weight_first(layer)
+
+
+def _weight_first(layer: torch.nn.Module) -> None:
+    """Put the weight back in front of the bias, where Linear / Conv2d register it, so that
+    parameters() and state_dict() list the layer as they did before quantization."""
+    params = layer._parameters
+    entries = [("weight", params["weight"])] + [(k, v) for k, v in params.items() if k != "weight"]
+    params.clear()
+    params.update(entries)
 
 
 def is_quantized(layer: torch.nn.Module) -> bool:

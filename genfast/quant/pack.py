@@ -19,6 +19,9 @@ def packed_nbytes(n: int, bits: int) -> int:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: uint8 (any shape), every value < 2**bits -> flat uint8 of packed_nbytes(codes.numel(), bits)."""
     flat = codes.reshape(-1)
+    if codes.dtype != torch.uint8 or (flat.numel() and int(flat.max()) >= 2**bits):
+        # the packer would silently drop the high bits of a code that does not fit
+        raise ValueError(f"codes must be uint8 below 2**{bits} to pack into {bits} bits")
     if bits == 8:
         return flat.clone()
     flat = F.pad(flat, (0, -flat.numel() % 8))
