@@ -91,7 +91,7 @@ def _quantized_models(pipe, handle: QuantizeHandle | None) -> list[tuple[str, to
                              f"diffusers models (ModelMixin) only: quantize the denoiser")
         if getattr(component, "peft_config", None) or any(".base_layer." in f".{n}." for n in layers):
             raise ValueError(f"pipe.{attr} carries a peft / LoRA adapter: fuse it into the quantized weights "
-                             f"(pipe.fuse_lora(); pipe.unload_lora_weights()) or save it with "
+                             f"(genfast.quant.lora.fuse_lora(pipe), which quantizes W + delta again) or save it with "
                              f"pipe.save_lora_weights and load it onto the reloaded pipeline")
         if owner.config.activations is not None:
             raise ValueError("save_quantized stores quantized weights; simulated activation quantization "
