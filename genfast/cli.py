@@ -124,7 +124,9 @@ def cmd_quantize(args) -> int:
     from .quant.saving import check_out, folder_bytes, is_quantized_folder, load_pipeline, save_quantized, weights_dtype
 
     options = {} if args.skip is None else {"skip": tuple(args.skip)}
-    config = QuantConfig(weights=args.weights, granularity=args.granularity, symmetric=args.symmetric, **options)
+    # the folder stores genfast's packed codes whatever kernel would run them: never torchao's tensors
+    config = QuantConfig(weights=args.weights, granularity=args.granularity, symmetric=args.symmetric,
+                         kernel="dequantize", **options)
     out = check_out(args.out, what="--out")  # before any work
     src = Path(args.pipeline) if args.pipeline else asset_path(MINI)
     if is_quantized_folder(src):

@@ -86,6 +86,11 @@ def _quantized_models(pipe, handle: QuantizeHandle | None) -> list[tuple[str, to
             raise ValueError(f"pipe.{attr} holds packed layers of {len(owners)} genfast.quantize calls; "
                              f"save_quantized saves a model quantized by one call")
         owner = next(iter(owners.values()))
+        from .kernels import on_torchao
+
+        if any(on_torchao(m) for m in owner.layers.values()):
+            raise ValueError(f"pipe.{attr} runs some layers on torchao's kernels (kernel={owner.config.kernel!r}), whose "
+                             f"tensors are not genfast's packed codes: quantize with kernel='dequantize' to save")
         if not isinstance(component, ModelMixin):
             raise TypeError(f"pipe.{attr} ({type(component).__name__}) is quantized, but save_quantized writes "
                              f"diffusers models (ModelMixin) only: quantize the denoiser")
