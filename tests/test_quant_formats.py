@@ -12,14 +12,7 @@ from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_am
 from genfast.quant.formats import FORMATS, decode, encode, get_format, padded_cols, value_grid
 from genfast.quant.pack import pack_codes, packed_nbytes, unpack_codes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread, and on a shared CPU its spin-waits cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 INT = [f"int{b}" for b in range(2, 9)]

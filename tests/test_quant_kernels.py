@@ -5,10 +5,11 @@ import importlib
 
 import pytest
 import torch
+from restore_checks import assert_restored as _restored_as_before
+from restore_checks import snapshot
 from tiny_pipelines import build, inputs
 
 import genfast
-from genfast.api import handles_on
 from genfast.quant.kernels import on_torchao
 from genfast.quant.layers import is_quantized
 from genfast.quant.quantize import quantizable
@@ -16,13 +17,7 @@ from genfast.quant.quantize import quantizable
 quantize_module = importlib.import_module("genfast.quant.quantize")  # genfast.quant.quantize is also the function
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers gain nothing from a second thread, and on a shared CPU its spin-waits cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +33,10 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def _snapshot(model):
-    return ([(n, p) for n, p in model.named_parameters()], [(n, type(m)) for n, m in model.named_modules()],
-            {k: v.clone() for k, v in model.state_dict().items()})
-
-
-def _assert_restored(model, snapshot):
-    params, classes, state = snapshot
-    now = list(model.named_parameters())
-    assert [n for n, _ in now] == [n for n, _ in params]
-    assert all(a is b for (_, a), (_, b) in zip(now, params, strict=True)), "the same Parameter objects"
-    assert [(n, type(m)) for n, m in model.named_modules()] == classes
-    now_state = model.state_dict()
-    assert now_state.keys() == state.keys() and all(torch.equal(now_state[k], v) for k, v in state.items())
+def assert_restored(model, snap):
+    _restored_as_before(model, snap)
     assert not any("extra_repr" in m.__dict__ for m in model.modules()), "torchao's repr taken off"
     assert not any(on_torchao(m) or is_quantized(m) for m in model.modules())
-    assert "quantize" not in handles_on(model)
 
 
 def _quantized(pipe, **options):
@@ -65,11 +48,11 @@ def _quantized(pipe, **options):
 
 
 def test_torchao_int8_runs_close_to_dequantize_and_remove_restores(pipe):
-    snap = _snapshot(pipe.unet)
+    snap = snapshot(pipe.unet)
     base = _run(pipe)
     deq, _, _ = _quantized(pipe, weights="int8", kernel="dequantize")
     out, stats, where = _quantized(pipe, weights="int8", kernel="torchao")
-    _assert_restored(pipe.unet, snap)
+    assert_restored(pipe.unet, snap)
     assert torch.equal(_run(pipe), base)
     layers = dict(quantizable(pipe.unet, genfast.QuantConfig().skip))
     # every Linear on torchao's Int8Tensor, every Conv2d still genfast's packed weight
@@ -121,15 +104,15 @@ def test_auto_on_cpu_is_dequantize_exactly(pipe, weights, granularity):
     (dict(weights="int8", granularity="group:48"), "multiples of"),
 ])
 def test_torchao_refused_when_no_layer_can_use_it(pipe, options, words):
-    snap = _snapshot(pipe.unet)
+    snap = snapshot(pipe.unet)
     with pytest.raises(ValueError, match="kernel='torchao'") as error:
         genfast.quantize(pipe, genfast.QuantConfig(kernel="torchao", **options))
     assert words in str(error.value) and "kernel='dequantize'" in str(error.value)
-    _assert_restored(pipe.unet, snap)
+    assert_restored(pipe.unet, snap)
 
 
 def test_failure_part_way_puts_every_layer_back(pipe, monkeypatch):
-    snap = _snapshot(pipe.unet)
+    snap = snapshot(pipe.unet)
     calls = []
     real = quantize_module.to_torchao
 
@@ -143,4 +126,4 @@ def test_failure_part_way_puts_every_layer_back(pipe, monkeypatch):
     with pytest.raises(RuntimeError, match="planted failure"):
         genfast.quantize(pipe, genfast.QuantConfig(weights="int8", kernel="torchao"))
     assert len(calls) == 5
-    _assert_restored(pipe.unet, snap)
+    assert_restored(pipe.unet, snap)

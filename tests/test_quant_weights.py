@@ -4,10 +4,10 @@ checkpoint tensors are packed codes, and remove() puts back the very same float 
 import numpy as np
 import pytest
 import torch
+from restore_checks import assert_restored, snapshot
 from tiny_pipelines import build, denoiser, inputs
 
 import genfast
-from genfast.api import handles_on
 from genfast.quant import layers as quant_layers
 from genfast.quant.config import QuantConfig
 from genfast.quant.formats import FORMATS, decode, encode, get_format, padded_cols
@@ -15,32 +15,7 @@ from genfast.quant.layers import is_quantized, stored
 from genfast.quant.pack import packed_nbytes
 from genfast.quant.quantize import quantizable
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers gain nothing from a second thread, and on a shared CPU its spin-waits cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _snapshot(model):
-    """What remove() must restore: parameter objects (in order), module classes, buffers."""
-    return ([(n, p) for n, p in model.named_parameters()], [(n, type(m)) for n, m in model.named_modules()],
-            {k: v.clone() for k, v in model.state_dict().items()})
-
-
-def _assert_restored(model, snapshot):
-    params, classes, state = snapshot
-    now = list(model.named_parameters())
-    assert [n for n, _ in now] == [n for n, _ in params]
-    assert all(a is b for (_, a), (_, b) in zip(now, params, strict=True)), "the same Parameter objects"
-    assert [(n, type(m)) for n, m in model.named_modules()] == classes
-    assert not any(hasattr(m, "parametrizations") for m in model.modules())
-    assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in state.items()}
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert handles_on(model) == {}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _denoiser_call(pipe, kind):
@@ -65,7 +40,7 @@ def _run(model, call):
 def test_every_format_quantizes_and_remove_restores_the_float_model(kind):
     pipe = build(kind)
     model, call = denoiser(pipe), _denoiser_call(pipe, kind)
-    baseline, before = _run(model, call), _snapshot(model)
+    baseline, before = _run(model, call), snapshot(model)
     errors = {}
     for name in FORMATS:
         handle = genfast.quantize(pipe, weights=name)
@@ -76,7 +51,7 @@ def test_every_format_quantizes_and_remove_restores_the_float_model(kind):
         errors[name] = ((out - baseline).abs().mean() / baseline.abs().mean()).item()
         assert errors[name] > 0, f"{name} changed nothing"
         handle.remove()
-        _assert_restored(model, before)  # the same Parameters and buffers: the same outputs
+        assert_restored(model, before)  # the same Parameters and buffers: the same outputs
     assert torch.equal(_run(model, call), baseline)
     assert errors["int2"] > errors["int4"] > errors["int8"]
     assert errors["fp4_e2m1"] > errors["fp6_e2m3"] > errors["fp8_e4m3"]
@@ -180,7 +155,7 @@ def test_nothing_to_quantize_is_refused():
 
 def test_a_failure_midway_changes_nothing(monkeypatch):
     pipe = build("sd")
-    before = _snapshot(pipe.unet)
+    before = snapshot(pipe.unet)
     calls = []
 
     def failing(*args, **kwargs):  # e.g. memory running out on the 6th layer
@@ -192,10 +167,10 @@ def test_a_failure_midway_changes_nothing(monkeypatch):
     monkeypatch.setattr(quant_layers, "encode", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         genfast.quantize(pipe, weights="int4")
-    _assert_restored(pipe.unet, before)
+    assert_restored(pipe.unet, before)
     with pytest.raises(ValueError, match="not both"):
         genfast.quantize(pipe, QuantConfig(), weights="int4")
-    _assert_restored(pipe.unet, before)
+    assert_restored(pipe.unet, before)
 
 
 def test_quantizing_twice_is_refused_and_leaves_the_first():
@@ -211,22 +186,22 @@ def test_quantizing_twice_is_refused_and_leaves_the_first():
 def test_grouped_convolutions_quantize_per_output_channel_group():
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=8, padding=1), torch.nn.Conv2d(8, 16, 3, groups=2))
     x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0))
-    y, before = model(x), _snapshot(model)
+    y, before = model(x), snapshot(model)
     with genfast.quantize(model, weights="int4", granularity="group:4", skip=()) as handle:
         assert len(handle.layers) == 2
         assert all(m.weight.shape == before[2][f"{i}.weight"].shape for i, m in enumerate(model))
         assert 0 < (model(x) - y).abs().mean() < 0.1 * y.abs().mean()
-    _assert_restored(model, before)
+    assert_restored(model, before)
 
 
 def test_a_half_precision_module_keeps_its_dtype_and_parameter_order():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).half()
-    before = _snapshot(model)
+    before = snapshot(model)
     with genfast.quantize(model, weights="fp8_e4m3", skip=()) as handle:
         assert handle.stats["quantized_layers"] == 2
         assert all(m.weight.dtype == torch.float16 for m in handle.layers.values())
         assert all(isinstance(m, torch.nn.Linear) for m in handle.layers.values())
-    _assert_restored(model, before)
+    assert_restored(model, before)
     assert type(model[0]) is torch.nn.Linear and type(model[2]) is torch.nn.Linear
 
 
