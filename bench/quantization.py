@@ -43,12 +43,10 @@ import copy
 import ctypes
 import gc
 import json
-import math
 import re
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,13 +226,10 @@ def save_denoiser(pipe, v: Variant, folder: Path) -> tuple[int, str]:
 
 def timed(pipe, call, repeats: int):
     """(output of the last call, best seconds of `repeats` calls) after a 2-step warm-up call."""
+    from feature_inheritance import timed_loop  # bench/ is the script's own folder, so on sys.path
+
     pipe(**{**call(), "num_inference_steps": 2})  # first-call allocations, quanto's extension build: not timed
-    best, out = math.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = pipe(**call()).images
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+    return timed_loop(pipe, call, repeats)
 
 
 # ---------------------------------------------------------------- (a) genfast-mini
