@@ -65,14 +65,21 @@ class PackedWeight(torch.nn.Module):
         return w.reshape(self.shape).to(self.dtype)
 
 
-def quantize_layer(layer: torch.nn.Module, fmt: Format, granularity: str | None, symmetric: bool | None) -> None:
-    """Replace layer.weight by its packed form (the float Parameter object is the caller's to keep)."""
+def quantize_layer(layer: torch.nn.Module, fmt: Format, granularity: str | None, symmetric: bool | None,
+                   stored: tuple[torch.Tensor, ...] | None = None) -> None:
+    """Replace layer.weight by its packed form (the float Parameter object is the caller's to keep).
+
+    stored: the packed tensors themselves (a checkpoint being loaded), put in place of encoding the
+    weight, which may then be empty (meta).
+    """
     weight = layer.weight
     param = PackedWeight(fmt, granularity, symmetric, weight.shape, weight.dtype)
     # as a buffer, so the packed tensors become buffers too: integer tensors cannot be Parameters
     # that require grad, and the codes are not trained
     del layer.weight
     layer.register_buffer("weight", weight.detach())
+    if stored is not None:  # torch calls right_inverse once to make the stored tensors: hand them over
+        param.right_inverse = lambda _weight: stored
     try:
         parametrize.register_parametrization(layer, "weight", param, unsafe=True)
     except BaseException:  # encoding failed (out of memory, say): the layer keeps its Parameter
@@ -80,6 +87,9 @@ def quantize_layer(layer: torch.nn.Module, fmt: Format, granularity: str | None,
         layer.weight = weight
         _weight_first(layer)
         raise
+    finally:
+        if stored is not None:
+            del param.right_inverse  # later assignments (LoRA fusing) re-quantize through PackedWeight's own
 
 
 def dequantize_layer(layer: torch.nn.Module, original: torch.nn.Parameter | None = None) -> None:

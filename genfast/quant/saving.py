@@ -26,12 +26,11 @@ import os
 from pathlib import Path
 
 import torch
-from torch.nn.utils import parametrize
 
 from ..api import handles_on
 from ..io import atomic_dir, check_output
 from .config import QuantConfig
-from .layers import PackedWeight, is_quantized, stored
+from .layers import PackedWeight, is_quantized, quantize_layer, stored
 from .pack import packed_nbytes
 from .quantize import LAYER_TYPES, QuantizeHandle
 
@@ -252,22 +251,6 @@ def _expected_counts(param: PackedWeight) -> dict[str, int]:
     return {"codes": packed_nbytes(n, fmt.bits), "scale": scales, "zero": scales, "tensor_scale": 1}
 
 
-def _install(layer: torch.nn.Module, param: PackedWeight, parts: tuple[torch.Tensor, ...]) -> None:
-    """Put a PackedWeight holding `parts` on a layer whose weight is empty (meta).
-
-    layers.quantize_layer encodes a float weight; here the codes already exist, so right_inverse,
-    which torch calls once to make the stored tensors, hands over `parts` instead of encoding.
-    """
-    shape, dtype = param.shape, param.dtype
-    del layer.weight
-    layer.register_buffer("weight", torch.empty(shape, dtype=dtype, device="meta"))  # as quantize_layer does
-    param.right_inverse = lambda _weight: parts
-    try:
-        parametrize.register_parametrization(layer, "weight", param, unsafe=True)
-    finally:
-        del param.right_inverse  # later assignments (LoRA fusing) re-quantize through PackedWeight's own
-
-
 def _model_class(entry, path: Path):
     from diffusers import ModelMixin
 
@@ -354,7 +337,10 @@ def load_quantized_model(folder: str | os.PathLike, entry, dtype: torch.dtype | 
         param = PackedWeight(qconfig.format, qconfig.granularity, qconfig.symmetric, layer.weight.shape,
                              dtype or _float_dtype(spec.get("dtype"), path, name))
         parts = _layer_parts(name, spec, param, tensors, path)
-        _install(layer, param, parts)
+        # an empty weight of the dtype to decode to: the codes come from the file, not from encoding
+        layer.weight = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                          requires_grad=False)
+        quantize_layer(layer, qconfig.format, qconfig.granularity, qconfig.symmetric, stored=parts)
         layers[name] = layer
         installed |= {f"{name}.weight.{f}" for f in param.fields}
         installed |= {f"{name}.parametrizations.weight.original{i}" for i in range(len(param.fields))}
