@@ -264,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_head_photos_parser(sub)
     add_personalize_parsers(sub)
     add_convert_eg3d_parser(sub)
+
+    from .cli_analyze import add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 
