@@ -57,7 +57,7 @@ def list_methods(verb: str | None = None) -> dict[str, str]:
 
 
 def _load_builtin_methods():
-    from .methods import feature_inheritance, gri_attention  # noqa: F401  (register themselves)
+    from .methods import feature_inheritance, gri_attention, multi_unet  # noqa: F401  (register themselves)
     from .quant import quantize  # noqa: F401  (registers itself)
 
 
