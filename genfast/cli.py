@@ -266,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_eg3d_parser(sub)
 
     from .cli_analyze import add_analyze_parser
+    from .cli_assemble import add_assemble_parser
 
     add_analyze_parser(sub)
+    add_assemble_parser(sub)
     return parser
 
 
