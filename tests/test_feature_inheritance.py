@@ -323,3 +323,22 @@ def test_attention_processors_underneath(pipes, processor):
         assert np.array_equal(run(pipe, "sd"), baseline)
     finally:
         pipe.unet.set_attn_processor(original)
+
+
+def test_img2img_without_a_begin_index_counts_its_shortened_loop(pipes):
+    """DDIM has no set_begin_index: img2img's loop (strength < 1) is found from its first timestep."""
+    pipe = pipes["img2img"]
+    pipe.scheduler = SCHEDULERS["ddim"](pipe.scheduler.config)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    baseline = run(pipe, "img2img", steps=12)
+    hook.remove()
+    n = len(calls)
+    assert n < 12, "the tiny img2img call runs a shortened loop"
+    with genfast.accelerate(pipe, "feature_inheritance", schedule="calibrated", interval=3) as handle:
+        assert np.array_equal(run(pipe, "img2img", steps=12), baseline)  # calibration: all full
+        mask = handle.schedule_for(n)
+        run(pipe, "img2img", steps=12)
+        stats = dict(handle.stats)
+    assert mask is not None and len(mask) == n, "the calibration was recorded for the loop's real length"
+    assert stats["partial"] == n - sum(mask) > 0

@@ -263,6 +263,18 @@ class _StepState:
     # diffusers' `cache_context` tells the stateful hooks of a model which context is running by
     # setting it on every StateManager they hold; this one only listens
     contexts: StateManager = field(default_factory=lambda: StateManager(_Track))
+    timestep: object = None  # the running denoiser call's: where a loop without a begin index starts
+
+    def call_length(self) -> int:
+        """Denoiser calls in this pipeline call, counted on the scheduler (which pipelines built from the
+        same components share; the pipeline's own `_num_timesteps` would be the accelerated pipeline's,
+        not the caller's). img2img's shortened loop starts at the scheduler's begin index, or, for
+        schedulers without one (DDIM), where the call's first timestep sits in their timesteps."""
+        sched = self.pipe.scheduler
+        start = getattr(sched, "begin_index", None)
+        if start is None:
+            start = timestep_position(sched.timesteps, self.timestep)
+        return max(len(sched.timesteps) - start, 1)
 
     def reset(self):
         self.tracks.clear()
@@ -291,12 +303,8 @@ class _StepState:
 
     def _begin(self) -> _Track:
         """A context's first denoiser call in this pipeline call: size its schedule."""
-        sched = self.pipe.scheduler
-        # counted on the scheduler, which pipelines built from the same components share (the
-        # pipeline's own `_num_timesteps` would be the accelerated pipeline's, not the caller's);
-        # img2img's shortened loop starts at the scheduler's begin index
-        n = max(len(sched.timesteps) - (getattr(sched, "begin_index", None) or 0), 1)
-        order = getattr(sched, "order", 1) or 1
+        n = self.call_length()
+        order = getattr(self.pipe.scheduler, "order", 1) or 1
         if math.ceil(n / order) < MIN_STEPS:
             warnings.warn(
                 f"feature_inheritance: this call has {math.ceil(n / order)} steps; pipelines with fewer than "
@@ -328,6 +336,15 @@ class _StepState:
             self.measuring.clear()
 
 
+def timestep_position(timesteps, timestep) -> int:
+    """Where `timestep` first occurs in `timesteps` (0 when it does not, or is not known)."""
+    if not isinstance(timesteps, torch.Tensor) or timestep is None:
+        return 0
+    t = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
+    hits = (timesteps == torch.as_tensor(t, dtype=timesteps.dtype, device=timesteps.device)).nonzero()
+    return int(hits[0, 0]) if len(hits) else 0
+
+
 class _StepHook(ModelHook):
     """On the denoiser itself: decides full/partial before each call, counts after."""
 
@@ -341,6 +358,7 @@ class _StepHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         s = self.state
         s.follow()
+        s.timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         track = s.enter(s.context_name(kwargs))
         # a context's first call has nothing to reuse yet
         s.full = track.full_mask[track.index] or track.index == track.first

@@ -102,7 +102,6 @@ class _Steps(_StepState):
 
     scheduler: object = None
     timesteps: object = None
-    timestep: object = None  # the running denoiser call's
     counts: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
 
     def __post_init__(self):
@@ -116,13 +115,7 @@ class _Steps(_StepState):
             self.scheduler, self.timesteps = scheduler, timesteps
 
     def _begin(self) -> _Track:
-        sched = self.pipe.scheduler
-        # img2img's shortened loop starts at the scheduler's begin index; schedulers without one (DDIM)
-        # are found by where the call's first timestep sits in their timesteps
-        start = getattr(sched, "begin_index", None)
-        if start is None:
-            start = _position(sched.timesteps, self.timestep)
-        n = max(len(sched.timesteps) - start, 1)
+        n = self.call_length()
         if student_steps(n, self.config.switch_at) == 0:
             warnings.warn(
                 f"multi_unet: switch_at={self.config.switch_at} gives the student none of this call's {n} denoiser "
@@ -130,15 +123,6 @@ class _Steps(_StepState):
                 stacklevel=4,
             )
         return _Track(n_calls=n)
-
-
-def _position(timesteps, timestep) -> int:
-    """Where `timestep` first occurs in `timesteps` (0 when it does not)."""
-    if not isinstance(timesteps, torch.Tensor) or timestep is None:
-        return 0
-    t = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
-    hits = (timesteps == torch.as_tensor(t, dtype=timesteps.dtype, device=timesteps.device)).nonzero()
-    return int(hits[0, 0]) if len(hits) else 0
 
 
 class _RouteHook(ModelHook):
