@@ -289,6 +289,12 @@ class _StepState:
             name += "/skip_layers"
         return name
 
+    def begin_call(self, args, kwargs) -> _Track:
+        """Before a denoiser call: follow a swapped scheduler, note the timestep, enter its context."""
+        self.follow()
+        self.timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        return self.enter(self.context_name(kwargs))
+
     def enter(self, name: str) -> _Track:
         track = self.tracks.get(name)
         if track is None:
@@ -357,9 +363,7 @@ class _StepHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         s = self.state
-        s.follow()
-        s.timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        track = s.enter(s.context_name(kwargs))
+        track = s.begin_call(args, kwargs)
         # a context's first call has nothing to reuse yet
         s.full = track.full_mask[track.index] or track.index == track.first
         s.counts["full" if s.full else "partial"] += 1

@@ -138,9 +138,7 @@ class _RouteHook(ModelHook):
 
     def new_forward(self, teacher, *args, **kwargs):
         s = self.state
-        s.follow()
-        s.timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        track = s.enter(s.context_name(kwargs))
+        track = s.begin_call(args, kwargs)
         if (track.index + 1) / track.n_calls <= s.config.switch_at:
             out = self._student_call(teacher, args, kwargs)
             s.counts["student"] += 1
