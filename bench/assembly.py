@@ -242,6 +242,28 @@ def markdown(table: list[dict], teacher_steps: int) -> str:
     return "\n".join(lines)
 
 
+def notes(table: list[dict], folders: dict[str, Path], switched: str) -> list[str]:
+    """Multi-UNet's measured speed-up beside 1/(0.4 r + 0.6); the spread of the per-layer feature terms."""
+    out = []
+    rows_ = {t["row"]: t for t in table}
+    multi, student = rows_.get("multi-unet 0.4"), rows_.get(switched)
+    if multi and student and student["loop_speedup"]:
+        r = 1 / student["loop_speedup"]
+        out.append(f"multi-UNet 0.4 with {switched}: loop speed-up {multi['loop_speedup']:.2f}x, predicted "
+                   f"1/(0.4 r + 0.6) = {1 / (0.4 * r + 0.6):.2f}x for r = {r:.2f} (the student's loop time ratio)")
+    for name, folder in folders.items():
+        info_path = Path(folder) / "distill.json"
+        layers = json.loads(info_path.read_text()).get("feature_layers_first_step") if info_path.is_file() else None
+        if not layers:
+            continue
+        for kind, terms in layers.items():
+            values = [v for v in terms.values() if v > 0]
+            if len(values) > 1:
+                out.append(f"{name}: per-layer feature terms at the first end-to-end step, {kind}: max/min "
+                           f"{max(values) / min(values):.1f} over {len(values)} nonzero layers")
+    return out
+
+
 # ---------------------------------------------------------------- presets on SD-1.5's architecture
 
 SD15 = {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "cross_attention_dim": 768,
@@ -307,6 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--incubation-steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--multi-unet-row", default="+incubation", help="the trained row multi-UNet switching uses")
+    p.add_argument("--extra-row", action="append", default=[], metavar="NAME=DIR",
+                   help="also evaluate this pipeline folder (e.g. assets/genfast-mini-assembled)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--images", type=int, default=64)
@@ -340,10 +364,17 @@ def main(argv=None) -> int:
                 folders[row.name] = train_row(row, args, teacher_pipe)
             elif (Path(args.work) / slug(row.name) / "model_index.json").is_file():
                 folders[row.name] = Path(args.work) / slug(row.name)
+    for spec in args.extra_row:
+        name, _, folder = spec.partition("=")
+        if not (Path(folder) / "model_index.json").is_file():
+            raise SystemExit(f"--extra-row {spec!r}: give NAME=DIR with a pipeline folder")
+        folders[name] = Path(folder)
     if "eval" in args.part:
         table = evaluate(args, folders, teacher_pipe)
         results["table"] = table
         print(markdown(table, TEACHER_STEPS))
+        results["notes"] = notes(table, folders, args.multi_unet_row)
+        print("\n".join(results["notes"]))
     if "presets" in args.part:
         results["presets"] = presets(args)
         print(presets_markdown(results["presets"]))

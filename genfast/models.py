@@ -17,8 +17,14 @@ EVALUATOR = "genfast-evaluator"
 HEADS = "genfast-heads"
 IDENTITY = "genfast-identity"
 LATENTS_NAME = "latents.safetensors"  # the heads prior's training identities' z, next to its model
+MINI_ASSEMBLED = "genfast-mini-assembled"
+# the student genfast-mini-assembled is (see its model card): what `genfast assemble --preset auto
+# --target-latency 0.7` chose from genfast-mini's analysis
+ASSEMBLED_PLAN = '{"layers_per_block": [1, 1], "mid_block": false, "drop_stages": 1, "down_attention": [false, false]}'
 _REBUILT_BY = {MINI: "genfast train-mini", EVALUATOR: "genfast train-mini", HEADS: "genfast train-heads",
-               IDENTITY: "genfast train-heads"}
+               IDENTITY: "genfast train-heads",
+               MINI_ASSEMBLED: f"genfast distill --plan '{ASSEMBLED_PLAN}' --steps 675 --batch-size 64 "
+                               f"--no-feature-norm --sas-weight 0 --out assets/{MINI_ASSEMBLED}"}
 
 
 def asset_path(name: str) -> Path:
