@@ -244,3 +244,28 @@ def test_lpips_plumbing_with_a_user_given_backbone(random_alexnet_file):
     assert metric.name == "LPIPS[alex]"
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         metric(images * 2 - 1, other * 2 - 1)
+
+
+def test_fid_falls_back_to_a_ridge_when_cleanfid_finds_a_complex_root(monkeypatch):
+    rng = np.random.default_rng(0)
+    a = np.maximum(rng.normal(size=(48, 32)) @ rng.normal(size=(32, 32)), 0)
+    b = np.maximum(rng.normal(size=(48, 32)) @ rng.normal(size=(32, 32)), 0) + 0.5
+    exact = cfid.fid_from_feats(a, b)
+    value, ridge = gfid.regularised_fid(a, b)
+    assert value == pytest.approx(exact, rel=1e-3) and ridge > 0  # the ridge barely moves a well-posed FID
+    space = FeatureSpace.__new__(FeatureSpace)  # fid() needs no network
+    space.name = "mini-features"
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Imaginary component 0.0014849246500221493")  # what clean-fid raised in bench/assembly.py
+
+    monkeypatch.setattr(gfid.cfid, "fid_from_feats", refuse)
+    report = space.fid(a, b)
+    assert report["value"] == pytest.approx(value) and report["regularised"] == ridge
+
+    def other(*args, **kwargs):
+        raise ValueError("something else")
+
+    monkeypatch.setattr(gfid.cfid, "fid_from_feats", other)
+    with pytest.raises(ValueError, match="something else"):
+        space.fid(a, b)

@@ -157,14 +157,41 @@ class FeatureSpace:
                                         device=self.device, mode=MODE, custom_fn_resize=self.resize, verbose=False)
 
     def fid(self, feats_a: np.ndarray, feats_b: np.ndarray) -> dict:
-        """FID between two feature sets (clean-fid's statistics and Frechet distance)."""
-        return _report("FID", cfid.fid_from_feats(feats_a, feats_b), self.name, len(feats_a), len(feats_b))
+        """FID between two feature sets (clean-fid's statistics and Frechet distance).
+
+        When clean-fid refuses because the matrix square root came back complex (two sets so alike
+        that the distance is near 0, with fewer images than feature dimensions), the covariances get
+        a small ridge and the report says `regularised` with its size."""
+        try:
+            return _report("FID", cfid.fid_from_feats(feats_a, feats_b), self.name, len(feats_a), len(feats_b))
+        except ValueError as err:
+            if "Imaginary component" not in str(err):
+                raise
+        value, ridge = regularised_fid(feats_a, feats_b)
+        return {**_report("FID", value, self.name, len(feats_a), len(feats_b)), "regularised": ridge}
 
     def kid(self, feats_a: np.ndarray, feats_b: np.ndarray, seed: int = 0) -> dict:
         """KID between two feature sets (clean-fid's kernel_distance, its subsets drawn with `seed`)."""
         with _numpy_seed(seed):
             value = cfid.kernel_distance(feats_a, feats_b)
         return _report("KID", value, self.name, len(feats_a), len(feats_b))
+
+
+def regularised_fid(feats_a: np.ndarray, feats_b: np.ndarray) -> tuple[float, float]:
+    """clean-fid's Frechet distance with eps * I added to both covariances, eps from 1e-6 of their mean
+    variance up by tens until the square root is real (clean-fid itself adds 1e-6 only when it is not
+    finite); returns (FID, eps)."""
+    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
+    sig_a, sig_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
+    scale = float(np.mean(np.diag(sig_a) + np.diag(sig_b)) / 2) or 1.0
+    for power in range(-6, 0):
+        eps = scale * 10.0**power
+        ridge = np.eye(len(sig_a)) * eps
+        try:
+            return float(cfid.frechet_distance(mu_a, sig_a + ridge, mu_b, sig_b + ridge)), eps
+        except ValueError:
+            continue
+    raise ValueError("FID: the covariances' square root stays complex even with a ridge of 10% of their variance")
 
 
 def _report(metric: str, value: float, feature_space: str, n_a: int, n_b: int) -> dict:
