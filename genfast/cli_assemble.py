@@ -40,14 +40,15 @@ def _plan(args, pipe):
             raise CLIError("--preset auto needs --target-latency R (the student's UNet latency over the teacher's)")
         from .assembly.analyze import analyze
 
-        analysis = analyze(pipe, _read_prompts(args), num_inference_steps=args.steps, timesteps=args.timesteps)
+        analysis = analyze(pipe, _read_prompts(args), num_inference_steps=args.steps or 25,
+                           timesteps=args.timesteps or 5)
         plan = auto_plan(analysis, pipe.unet.config, args.target_latency)
     else:
         if args.target_latency is not None:
             raise CLIError(f"--target-latency has no effect with --preset {args.preset}; use --preset auto")
-        if args.prompts_file or args.prompt:
-            raise CLIError(f"--prompt/--prompts-file feed the analysis of --preset auto; they have no effect with "
-                           f"--preset {args.preset}")
+        if args.prompts_file or args.prompt or args.steps is not None or args.timesteps is not None:
+            raise CLIError(f"--prompt/--prompts-file/--steps/--timesteps set the analysis of --preset auto; they "
+                           f"have no effect with --preset {args.preset}")
         plan = plan_preset(args.preset, pipe.unet.config)
     extra = {}
     if args.condconv is not None:
@@ -112,9 +113,9 @@ def add_assemble_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --preset auto: the student's UNet latency as a fraction of the teacher's, in (0, 1)")
     a.add_argument("--prompt", action="append", help="with --preset auto: a prompt for the analysis (repeat)")
     a.add_argument("--prompts-file", help="with --preset auto: a text file with one analysis prompt per line")
-    a.add_argument("--steps", type=_positive("--steps"), default=25, help="with --preset auto: analysis steps")
-    a.add_argument("--timesteps", type=_positive("--timesteps"), default=5,
-                   help="with --preset auto: captured steps per prompt the analysis bypasses units on")
+    a.add_argument("--steps", type=_positive("--steps"), help="with --preset auto: analysis steps (default 25)")
+    a.add_argument("--timesteps", type=_positive("--timesteps"),
+                   help="with --preset auto: captured steps per prompt the analysis bypasses units on (default 5)")
     a.add_argument("--condconv", type=_positive("--condconv"), metavar="K",
                    help="turn every student resnet conv into an ME-CondConv with K experts seeded from the removed "
                         "layers' kernels")

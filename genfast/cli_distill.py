@@ -63,11 +63,13 @@ def _plan(args: argparse.Namespace, teacher_config):
 def cmd_distill(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from accelerate import PartialState
+
     from .assembly.student import build_student, load_student
     from .cli import CLIError
     from .io import check_output
     from .models import load_mini, load_pipeline
-    from .training.distill import DistillConfig, run_distill, save_distilled
+    from .training.distill import DistillConfig, check_pipeline, run_distill, save_distilled
 
     options = {field: getattr(args, arg) for arg, field in _FIELDS.items() if getattr(args, arg) is not None}
     if args.no_feature_norm:
@@ -88,15 +90,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
                            f"with `genfast assemble`")
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
     try:
-        student, finished = run_distill(teacher, student, work, config, progress=not args.quiet)
+        check_pipeline(teacher, student)
     except TypeError as err:  # a teacher of another kind: one line, not a traceback
         raise CLIError(str(err)) from None
+    student, finished = run_distill(teacher, student, work, config, progress=not args.quiet)
+    state = PartialState()
     if not finished:
-        print(f"stopped by --max-minutes; checkpoint in {work}. Run the same command again to resume.")
+        if state.is_main_process:
+            print(f"stopped by --max-minutes; checkpoint in {work}. Run the same command again to resume.")
         return 0
-    save_distilled(teacher, student, out, config, work)
-    print(f"wrote the distilled pipeline to {out} (distill.json beside it holds the config and final losses; "
-          f"the per-step log is {work / 'distill_log.jsonl'})")
+    if state.is_main_process:  # under `accelerate launch` one process writes the folder
+        save_distilled(teacher, student, out, config, work)
+        print(f"wrote the distilled pipeline to {out} (distill.json beside it holds the config and final losses; "
+              f"the per-step log is {work / 'distill_log.jsonl'})")
+    state.wait_for_everyone()
     return 0
 
 

@@ -71,7 +71,7 @@ def test_chain_spec_splits_at_method_names_and_expands_sweeps_as_the_product():
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("deepcache", "unknown method 'deepcache'; known methods: feature_inheritance, quantize"),
+    ("deepcache", "unknown method 'deepcache'; known methods: feature_inheritance, gri_attention, multi_unet, quantize"),
     ("feature_inheritance:intervl=2", "unknown option(s) 'intervl'"),
     ("feature_inheritance:interval=0", "interval must be an integer >= 1"),
     ("feature_inheritance:interval", "is not key=value"),

@@ -264,17 +264,21 @@ class _StepState:
     # setting it on every StateManager they hold; this one only listens
     contexts: StateManager = field(default_factory=lambda: StateManager(_Track))
     timestep: object = None  # the running denoiser call's: where a loop without a begin index starts
+    length: int | None = None  # denoiser calls in the running pipeline call, set by its first context
 
     def call_length(self) -> int:
         """Denoiser calls in this pipeline call, counted on the scheduler (which pipelines built from the
         same components share; the pipeline's own `_num_timesteps` would be the accelerated pipeline's,
         not the caller's). img2img's shortened loop starts at the scheduler's begin index, or, for
         schedulers without one (DDIM), where the call's first timestep sits in their timesteps."""
+        if self.tracks and self.length is not None:  # a context joining late (SD3's skip-layer pass)
+            return self.length
         sched = self.pipe.scheduler
         start = getattr(sched, "begin_index", None)
         if start is None:
             start = timestep_position(sched.timesteps, self.timestep)
-        return max(len(sched.timesteps) - start, 1)
+        self.length = max(len(sched.timesteps) - start, 1)
+        return self.length
 
     def reset(self):
         self.tracks.clear()

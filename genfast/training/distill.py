@@ -59,7 +59,7 @@ from ..io import atomic_dir, atomic_write_text
 from .checkpoint import sha256_file, tensor_hash
 from .loop import MIXED_PRECISION, LoopConfig, TrainLoop, WorkDirLock
 
-__all__ = ["DistillConfig", "Unit", "distill", "feature_pairs", "hybrid_unet", "incubation_units", "read_log",
+__all__ = ["DistillConfig", "Unit", "check_pipeline", "distill", "feature_pairs", "hybrid_unet", "incubation_units", "read_log",
            "run_distill", "save_distilled"]
 
 LOG_NAME = "distill_log.jsonl"
@@ -232,18 +232,6 @@ class Unit:
     down: list[int]  # student down block indices
     up: list[int]  # student up block indices
     mid: bool  # whether the student's mid block (if any) belongs to it
-
-    def modules(self, student) -> list[torch.nn.Module]:
-        mods = [student.down_blocks[i] for i in self.down] + [student.up_blocks[j] for j in self.up]
-        if self.mid and student.mid_block is not None:
-            mods.append(student.mid_block)
-        return mods
-
-    def param_names(self, student) -> list[str]:
-        prefixes = [f"down_blocks.{i}." for i in self.down] + [f"up_blocks.{j}." for j in self.up]
-        if self.mid:
-            prefixes.append("mid_block.")
-        return [n for n, _ in student.named_parameters() if n.startswith(tuple(prefixes))]
 
 
 def incubation_units(n_student: int) -> list[Unit]:
@@ -494,7 +482,7 @@ def _load_images(paths: list[Path], resolution: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the run
 
-def _check_pipeline(pipe, student) -> None:
+def check_pipeline(pipe, student) -> None:
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, UNet2DConditionModel):
         raise TypeError(f"distill needs a teacher pipeline with a UNet2DConditionModel as .unet; "
@@ -665,7 +653,7 @@ def run_distill(pipe, student, work_dir: str | os.PathLike, config: DistillConfi
     """distill(), also saying whether the run finished (False: stopped by max_minutes, resumable)."""
     from ..assembly.plan import stage_map
 
-    _check_pipeline(pipe, student)
+    check_pipeline(pipe, student)
     work = Path(work_dir)
     teacher, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     smap = stage_map(teacher.config, student.config)
