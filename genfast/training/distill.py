@@ -690,6 +690,9 @@ def run_distill(pipe, student, work_dir: str | os.PathLike, config: DistillConfi
         if config.batch_size % world:
             raise ValueError(f"DistillConfig.batch_size ({config.batch_size}) must divide evenly over the "
                              f"{world} processes")
+        if config.sas and config.sas_count < world:  # a process without SAS samples would lose the term
+            raise ValueError(f"DistillConfig.sas_batch ({config.sas_count}) must be at least the number of "
+                             f"processes ({world}): each decodes its share of those samples")
         for m in frozen:
             m.to(device)
         with acc.main_process_first():  # one process encodes the pool, the others read it
