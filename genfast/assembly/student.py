@@ -29,6 +29,8 @@ import torch
 from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.models.resnet import ResnetBlock2D
 
+from .condconv import convert_to_condconv
+from .gri import install_gri
 from .plan import AssemblyPlan, plan_preset, stage_map
 
 # diffusers' pipeline loader finds a component's load method by looking its base classes up in the module
@@ -172,42 +174,22 @@ def _choose_experts(teacher, student, plan: AssemblyPlan, weights: dict, stages)
     return {name: [(src, how, removed[src].weight) for src, how in picks] for name, picks in chosen.items()}
 
 
-def _condconv_class():
-    try:
-        from .condconv import MECondConv
-    except ImportError as err:
-        raise ImportError(f"condconv_experts needs genfast.assembly.condconv.MECondConv ({err})") from err
-    return MECondConv
-
-
 def _install_condconv(student, plan: AssemblyPlan, experts: dict[str, list] | None) -> None:
     """Swap every resnet conv for an ME-CondConv (experts: inherited kernels; None: left to from_conv, as
     when the weights are about to be loaded)."""
-    cls = _condconv_class()
-    for name, conv in _resnet_convs(student, _units(student)).items():
-        kernels = []
-        if experts is not None:
-            with torch.no_grad():
-                kernels = [(_fit(w, conv.weight.shape) if how == "fit" else w).detach().clone().to(conv.weight)
-                           for _, how, w in experts.get(name, [])]
-        parent, attr = name.rsplit(".", 1)
-        setattr(student.get_submodule(parent), attr,
-                cls.from_conv(conv, experts=kernels, num_experts=plan.condconv_experts))
-
-
-def _install_gri(student, plan: AssemblyPlan) -> None:
-    try:
-        from .gri import install_gri
-    except ImportError as err:
-        raise ImportError(f"gri_window needs genfast.assembly.gri.install_gri ({err})") from err
-    install_gri(student, plan.gri_window, plan.gri_pooled, trainable=True)
+    kernels = {}
+    with torch.no_grad():
+        for name, conv in _resnet_convs(student, _units(student)).items():
+            kernels[name] = [(_fit(w, conv.weight.shape) if how == "fit" else w).detach().clone().to(conv.weight)
+                             for _, how, w in (experts or {}).get(name, [])]
+    convert_to_condconv(student, kernels, plan.condconv_experts)
 
 
 def _apply_genfast_modules(student, plan: AssemblyPlan, experts: dict[str, list] | None) -> None:
     if plan.condconv_experts:
         _install_condconv(student, plan, experts)
     if plan.gri_window:
-        _install_gri(student, plan)
+        install_gri(student, plan.gri_window, plan.gri_pooled, trainable=True)
 
 
 # --- the student ------------------------------------------------------------------------------------
