@@ -109,6 +109,15 @@ def tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(f"{tuple(t.shape)}\n".encode() + t.numpy().tobytes()).hexdigest()
 
 
+def state_hash(*modules: torch.nn.Module) -> str:
+    """sha256 over the modules' state dicts, tensor by tensor (run records compare models by content)."""
+    h = hashlib.sha256()
+    for module in modules:
+        for key, t in sorted(module.state_dict().items()):
+            h.update(f"{key}={tensor_hash(t)}\n".encode())
+    return h.hexdigest()
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path))
 

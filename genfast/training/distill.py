@@ -56,7 +56,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_dir, atomic_write_text
-from .checkpoint import sha256_file, tensor_hash
+from .checkpoint import sha256_file, state_hash
 from .loop import MIXED_PRECISION, LoopConfig, TrainLoop, WorkDirLock
 
 __all__ = ["DistillConfig", "Unit", "check_pipeline", "distill", "feature_pairs", "hybrid_unet", "incubation_units", "read_log",
@@ -369,14 +369,6 @@ class _SASEncoder(torch.nn.Module):
 
 # ---------------------------------------------------------------- data
 
-def _state_hash(*modules: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for m in modules:
-        for key, t in sorted(m.state_dict().items()):
-            h.update(f"{key}={tensor_hash(t)}\n".encode())
-    return h.hexdigest()
-
-
 def _folder_items(folder: Path) -> list[tuple[Path, str]]:
     """(image, caption) pairs of a data folder; every image needs a same-stem .txt caption."""
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -626,11 +618,11 @@ def _run_info(config: DistillConfig, pipe, student) -> tuple[dict, dict]:
         files = [(p.name, sha256_file(p)) for p in sorted(folder.iterdir()) if p.is_file()]
         data_key = {"data": str(folder.resolve()), "files": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
                     "resolution": resolution}
-    data_key["vae"] = _state_hash(vae)
+    data_key["vae"] = state_hash(vae)
     plan = getattr(student, "genfast_plan", None)
     run_info = {
         "config": {k: v for k, v in config.effective().items() if k not in _RUN_CONTROL},
-        "teacher": _state_hash(teacher, pipe.text_encoder), "data": data_key,
+        "teacher": state_hash(teacher, pipe.text_encoder), "data": data_key,
         "student_config": json.loads(json.dumps(dict(student.config), default=str)),
         "student_plan": plan.to_dict() if plan is not None else None,
     }
@@ -739,10 +731,10 @@ def run_distill(pipe, student, work_dir: str | os.PathLike, config: DistillConfi
             layers = record if step == config.incubation_steps else None  # the first end-to-end step
             terms = objective.terms(pred, t_pred, target, noisy, t, incubating, sas_n, layers)
             loss = sum(weights[n] * v for n, v in terms.items())
-            record.update({n: v.item() for n, v in terms.items()}, loss=loss.item(),
-                          lr=opt.param_groups[0]["lr"])
+            values = {n: v.item() for n, v in terms.items()}  # one host read per term
+            record.update(values, loss=loss.item(), lr=opt.param_groups[0]["lr"])
             state["terms"] = record
-            return loss, {n: v.item() for n, v in terms.items()}
+            return loss, values
 
         log_path = work / LOG_NAME
         start = loop.resume()

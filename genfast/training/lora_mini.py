@@ -11,7 +11,6 @@ the float pipeline or a genfast-quantized one (tests/test_quant_lora.py).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from peft.utils import get_peft_model_state_dict
 from ..data.shapes import BACKGROUND_COLORS, CaptionStyle, ShapesDataset, render, to_tensor
 from ..data.tokenizer import MAX_LENGTH
 from ..io import atomic_dir, atomic_write_text
-from .checkpoint import tensor_hash
+from .checkpoint import state_hash
 from .loop import LoopConfig, TrainLoop
 from .mini import NOISE_SCHEDULE
 
@@ -92,7 +91,7 @@ def train_mini_lora(out_dir: str | Path, recipe: MiniLoraRecipe | None = None, b
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
     alphas = noise_sched.alphas_cumprod
     # the loop's checkpoint holds the whole UNet: a resume must find the same base under the adapter
-    run_info = {"recipe": _jsonable(recipe), "base_sha256": _state_hash(unet)}
+    run_info = {"recipe": _jsonable(recipe), "base_sha256": state_hash(unet)}
     was_training = unet.training
     train_flags = {n: p.requires_grad for n, p in unet.named_parameters()}
     torch.manual_seed(recipe.seed)  # peft draws lora_A from torch's global generator
@@ -143,13 +142,6 @@ def train_mini_lora(out_dir: str | Path, recipe: MiniLoraRecipe | None = None, b
         for n, p in unet.named_parameters():
             p.requires_grad_(train_flags[n])
     return out
-
-
-def _state_hash(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        h.update(f"{key}={tensor_hash(t)}\n".encode())
-    return h.hexdigest()
 
 
 def _jsonable(recipe: MiniLoraRecipe) -> dict:
