@@ -48,6 +48,8 @@ class CompareSettings:
     dtype: str = "float32"
     out: str = "outputs/compare"
     command: str = ""  # the command line, recorded in the report
+    # a diffusers callback_on_step_end for every generating call (the demo's Cancel raises from it); not recorded
+    step_callback: object = field(default=None, repr=False)
     prompts_source: str = field(default="", init=False)
 
     def __post_init__(self):
@@ -103,6 +105,7 @@ class _Generator:
             # CPU generators: the same noise whatever the device, so reports agree across machines
             generator=[torch.Generator().manual_seed(self.s.seed + i) for i in batch],
             output_type="pt",
+            **({"callback_on_step_end": self.s.step_callback} if self.s.step_callback is not None else {}),
         )
 
     def call(self, batch: list[int]):

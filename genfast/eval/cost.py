@@ -122,6 +122,37 @@ def _full_calls(handles) -> dict | None:
     return None
 
 
+@dataclass
+class TimedCall:
+    """One timed pipeline call: its seconds, its denoising loop's, and its denoiser calls (full / all)."""
+
+    call_s: float
+    loop_s: float
+    denoiser_calls: int
+    full_denoiser_calls: int
+
+
+def time_call(pipe, call: Callable[[], object], handles=()) -> tuple[TimedCall, object]:
+    """Run `call()` (which calls `pipe`) once, timed; (TimedCall, its output). Warm the pipeline up first."""
+    module = denoiser_of(pipe)
+    device = next(module.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    before = _full_calls(handles)
+    clock = _DenoiserClock(module)
+    try:
+        sync()
+        t0 = time.perf_counter()
+        out = call()
+        sync()
+        t1 = time.perf_counter()
+    finally:
+        clock.close()
+    after = _full_calls(handles)
+    full = after["full"] - before["full"] if after is not None else clock.calls
+    loop = (clock.end - clock.start) if clock.calls else 0.0
+    return TimedCall(t1 - t0, loop, clock.calls, full), out
+
+
 def measure_cost(pipe, call: Callable[[], object], runs: int = 3, handles=()) -> tuple[CallCost, object]:
     """Run `call()` (which calls `pipe`) `runs` times, timed, then once more for peak memory; its cost
     and the last timed call's output.
@@ -133,27 +164,15 @@ def measure_cost(pipe, call: Callable[[], object], runs: int = 3, handles=()) ->
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
-    module = denoiser_of(pipe)
-    device = next(module.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device = next(denoiser_of(pipe).parameters()).device
     calls, loops, counts, fulls = [], [], [], []
     out = None
     for _ in range(runs):
-        before = _full_calls(handles)
-        clock = _DenoiserClock(module)
-        try:
-            sync()
-            t0 = time.perf_counter()
-            out = call()
-            sync()
-            t1 = time.perf_counter()
-        finally:
-            clock.close()
-        calls.append(t1 - t0)
-        loops.append((clock.end - clock.start) if clock.calls else 0.0)
-        counts.append(clock.calls)
-        after = _full_calls(handles)
-        fulls.append(after["full"] - before["full"] if after is not None else clock.calls)
+        one, out = time_call(pipe, call, handles)
+        calls.append(one.call_s)
+        loops.append(one.loop_s)
+        counts.append(one.denoiser_calls)
+        fulls.append(one.full_denoiser_calls)
     with _PeakMemory(device) as mem:
         call()
     return CallCost(

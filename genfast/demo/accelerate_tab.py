@@ -1,0 +1,168 @@
+"""Accelerate tab: one prompt and seed through the baseline and through a method (or a chain of
+methods) on the same worker pipeline; both images, the latency of each, the speed-up, PSNR/SSIM of
+the fast image to the baseline's, and how many denoiser calls ran in full.
+
+A recipe is written as `genfast compare --method` takes it (genfast.eval.variants), so what the
+page runs is what a report measures: `feature_inheritance:interval=3`,
+`quantize:weights=int8+feature_inheritance`, ... One variant at a time: a sweep belongs in the
+Compare tab.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import torch
+
+from .common import (
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_STEPS,
+    DemoModels,
+    Jobs,
+    check_int,
+    check_number,
+    check_prompt,
+    enlarge,
+    fmt_seconds,
+    step_callback,
+    to_pil,
+    user_errors,
+)
+
+
+def example_recipes(models: DemoModels) -> list[str]:
+    recipes = ["feature_inheritance", "feature_inheritance:interval=5", "feature_inheritance:schedule=calibrated",
+               "feature_inheritance:level=block", "gri_attention", "quantize:weights=int8",
+               "quantize:weights=int4:granularity=group:32+feature_inheritance"]
+    if models.is_mini:  # the embedded student is genfast-mini's
+        from ..models import MINI_ASSEMBLED, asset_path
+
+        try:
+            recipes.append(f"multi_unet:student={asset_path(MINI_ASSEMBLED)}:switch_at=0.4")
+        except FileNotFoundError:
+            pass
+    return recipes
+
+
+def method_help() -> str:
+    """Every registered method with its options, from the config dataclasses themselves."""
+    from dataclasses import fields
+
+    from ..api import list_methods, method_spec
+
+    lines = ["| method | options | what it does |", "|---|---|---|"]
+    for name, summary in list_methods().items():
+        options = ", ".join(f.name for f in fields(method_spec(name).config_cls))
+        lines.append(f"| `{name}` | {options} | {summary} |")
+    return "\n".join(lines)
+
+
+def parse_recipe(recipe):
+    """The one variant a recipe names; a gr.Error for an empty recipe or a sweep."""
+    from ..eval.variants import parse_method_spec
+
+    if not isinstance(recipe, str) or not recipe.strip():
+        raise gr.Error("Choose a method, e.g. feature_inheritance:interval=3 (the list under 'Methods' has all).")
+    variants = parse_method_spec(recipe.strip())  # ValueErrors name the bad method / option / value
+    if len(variants) != 1:
+        raise gr.Error(f"{recipe!r} is a sweep of {len(variants)} variants; give one value per option here "
+                       f"(the Compare tab runs sweeps).")
+    return variants[0]
+
+
+def numbers_table(numbers: dict) -> str:
+    b, f = numbers["baseline"], numbers["accelerated"]
+    return "\n".join([
+        "| | baseline | accelerated |",
+        "|---|---|---|",
+        f"| latency | {fmt_seconds(b['latency_s'])} | {fmt_seconds(f['latency_s'])} |",
+        f"| denoiser calls full / all | {b['full_calls']} / {b['calls']} | {f['full_calls']} / {f['calls']} |",
+        f"| speed-up (call / denoising loop) | | {numbers['speedup']:.2f}x / {numbers['loop_speedup']:.2f}x |",
+        f"| PSNR / SSIM to the baseline | | {numbers['psnr']:.1f} dB / {numbers['ssim']:.3f} |",
+    ])
+
+
+class AccelerateTab:
+    TAB = "accelerate"
+
+    def __init__(self, models: DemoModels, jobs: Jobs):
+        self.models, self.jobs = models, jobs
+
+    @user_errors
+    def run(self, prompt, seed, steps, guidance, recipe, request: gr.Request = None, progress=gr.Progress()):
+        """(baseline image, accelerated image, (baseline, accelerated) for the slider, numbers markdown, numbers)."""
+        from ..eval.compare import apply_recipe, remove_recipe
+        from ..eval.cost import time_call
+        from ..eval.faithfulness import faithfulness
+
+        prompt = check_prompt(prompt)
+        seed = check_int("Seed", seed, 0, MAX_SEED)
+        steps = check_int("Steps", steps, 1, MAX_STEPS)
+        guidance = check_number("Guidance", guidance, 0.0, MAX_GUIDANCE)
+        variant = parse_recipe(recipe)
+        flag = self.jobs.start(request, self.TAB)
+        kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
+
+        def call(pipe, desc):
+            return lambda: pipe(**kwargs, generator=torch.Generator().manual_seed(seed),
+                                callback_on_step_end=step_callback(flag, progress, desc)).images
+
+        with self.models.worker() as pipe:
+            base, base_images = time_call(pipe, call(pipe, "baseline"))
+            progress(None, desc=f"applying {variant.name}")
+            # prepare() may run a calibration call (feature inheritance's calibrated schedule): same prompt and seed
+            handles = apply_recipe(pipe, variant, {**kwargs, "generator": torch.Generator().manual_seed(seed)})
+            try:
+                fast, fast_images = time_call(pipe, call(pipe, "accelerated"), handles)
+            finally:
+                remove_recipe(handles)
+        # metrics on the pixels a saved PNG holds
+        to_uint8 = lambda t: (t.float().clamp(0, 1) * 255).round() / 255  # noqa: E731
+        faith = faithfulness(to_uint8(fast_images), to_uint8(base_images))
+        numbers = {
+            "recipe": variant.name,
+            "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,
+            "baseline": {"latency_s": base.call_s, "loop_s": base.loop_s, "calls": base.denoiser_calls,
+                         "full_calls": base.full_denoiser_calls},
+            "accelerated": {"latency_s": fast.call_s, "loop_s": fast.loop_s, "calls": fast.denoiser_calls,
+                            "full_calls": fast.full_denoiser_calls},
+            "speedup": base.call_s / fast.call_s,
+            "loop_speedup": base.loop_s / fast.loop_s if fast.loop_s else float("nan"),
+            **faith,
+        }
+        a, b = enlarge(to_pil(base_images[0])), enlarge(to_pil(fast_images[0]))
+        return a, b, (a, b), numbers_table(numbers), numbers
+
+    def cancel(self, request: gr.Request = None) -> None:
+        self.jobs.cancel(request, self.TAB)
+
+    def build(self) -> None:
+        t = self.TAB
+        recipes = example_recipes(self.models)
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", value="a red circle on a blue background", elem_id=f"{t}-prompt")
+                recipe = gr.Dropdown(recipes, value=recipes[0], allow_custom_value=True, elem_id=f"{t}-recipe",
+                                     label="Method or chain (as `genfast compare --method` takes it)")
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
+                                     elem_id=f"{t}-seed")
+                    steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id=f"{t}-steps")
+                    guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance",
+                                         elem_id=f"{t}-guidance")
+                with gr.Row():
+                    run = gr.Button("Run baseline and accelerated", variant="primary", elem_id=f"{t}-run")
+                    stop = gr.Button("Cancel", elem_id=f"{t}-cancel")
+                with gr.Accordion("Methods and their options", open=False):
+                    gr.Markdown(method_help())
+            with gr.Column(scale=2):
+                with gr.Row():
+                    base = gr.Image(label="Baseline", elem_id=f"{t}-baseline", format="png", buttons=["download"])
+                    fast = gr.Image(label="Accelerated", elem_id=f"{t}-accelerated", format="png", buttons=["download"])
+                slider = gr.ImageSlider(label="Before / after", elem_id=f"{t}-slider", format="png")
+                table = gr.Markdown(elem_id=f"{t}-numbers")
+                with gr.Accordion("raw numbers", open=False):
+                    raw = gr.JSON(elem_id=f"{t}-json")
+        event = run.click(self.run, [prompt, seed, steps, guidance, recipe], [base, fast, slider, table, raw],
+                          api_name=t, concurrency_id="pipelines", concurrency_limit=self.models.workers)
+        stop.click(self.cancel, None, None, cancels=[event], api_name=f"cancel_{t}", queue=False)

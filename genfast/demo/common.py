@@ -1,0 +1,237 @@
+"""What every tab of the demo shares: the models (loaded once), the worker pipelines, cancellation,
+input checks that answer with a `gr.Error`, and image conversion.
+
+Models. The demo loads each model once. Work that changes a denoiser (a method's hooks, quantized
+weights) runs on a *worker*: a pipeline with its own copy of the denoiser and scheduler and the
+very same VAE, text encoder and tokenizer objects as every other worker (Nunchaku's demo shares
+them the same way). A job takes a worker from a pool for its whole run and gives it back, so
+concurrent clients never see each other's hooks, and a second job waits for a free worker.
+
+Cancellation. Gradio's `cancels=` stops waiting for a job, but a job running in a thread goes on
+to its end. So a Cancel button also sets a flag for its session and tab (`Jobs.cancel`); the job
+reads the flag at every denoising step and training step (`Jobs.check`) and stops there.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import queue
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_STEPS = 100
+MAX_SEED = 2**31 - 1
+MAX_GUIDANCE = 20.0
+
+
+class Cancelled(Exception):
+    """Raised inside a job whose Cancel button was pressed."""
+
+
+# ---------------------------------------------------------------- errors
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise gr.Error("Type a prompt first, for example 'a red circle on a blue background'.")
+    return prompt.strip()
+
+
+def check_int(name: str, value, low: int, high: int) -> int:
+    """An integer in [low, high] (a float like 25.0 from a slider counts), else a gr.Error naming the field."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer()
+    if not ok or not low <= int(value) <= high:
+        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value!r}.")
+    return int(value)
+
+
+def check_number(name: str, value, low: float, high: float) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+    if not ok or not low <= float(value) <= high:
+        raise gr.Error(f"{name} must be a number from {low:g} to {high:g}, got {value!r}.")
+    return float(value)
+
+
+def user_errors(fn):
+    """Handlers raise gr.Error for what the user can fix; genfast's own ValueError / FileNotFoundError
+    already name the problem and the fix, so they are shown as they are. Anything else is a bug: Gradio
+    then shows a plain 'Error' (never a traceback) and the server log has the traceback."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Cancelled:
+            raise gr.Error("Cancelled.") from None
+        except (ValueError, FileNotFoundError) as err:
+            raise gr.Error(str(err)) from None
+
+    return wrapped
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+class Jobs:
+    """One cancel flag per (browser session, tab): the Cancel button sets it, the running job reads it."""
+
+    def __init__(self):
+        self._flags: dict[tuple[str, str], threading.Event] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(request: gr.Request | None, tab: str) -> tuple[str, str]:
+        return (getattr(request, "session_hash", None) or "local", tab)
+
+    def start(self, request: gr.Request | None, tab: str) -> threading.Event:
+        """A fresh, unset flag for a job that starts now (a press before it started does not count)."""
+        flag = threading.Event()
+        with self._lock:
+            self._flags[self._key(request, tab)] = flag
+        return flag
+
+    def cancel(self, request: gr.Request | None, tab: str) -> None:
+        with self._lock:
+            flag = self._flags.get(self._key(request, tab))
+        if flag is not None:
+            flag.set()
+
+    @staticmethod
+    def check(flag: threading.Event | None) -> None:
+        if flag is not None and flag.is_set():
+            raise Cancelled
+
+
+def step_callback(flag: threading.Event | None, progress=None, desc: str = "denoising"):
+    """A diffusers `callback_on_step_end` that stops the call when cancelled and moves the progress bar."""
+
+    def callback(pipe, step: int, timestep, kwargs: dict) -> dict:
+        Jobs.check(flag)
+        if progress is not None:
+            total = getattr(pipe, "num_timesteps", None) or None
+            progress((step + 1, total) if total else None, desc=desc)
+        return kwargs
+
+    return callback
+
+
+# ---------------------------------------------------------------- models
+
+
+def _worker_copy(pipe):
+    """A pipeline of the same class with its own denoiser and scheduler, sharing every other component."""
+    from ..pipelines import denoiser_of
+
+    denoiser = denoiser_of(pipe)
+    name = next(k for k, v in pipe.components.items() if v is denoiser)
+    parts = dict(pipe.components)
+    parts[name] = copy.deepcopy(denoiser)
+    parts["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    worker = type(pipe)(**parts)
+    worker.set_progress_bar_config(disable=True)
+    return worker
+
+
+class DemoModels:
+    """The demo's models, each loaded once; `worker()` lends a pipeline for one job.
+
+    pipeline: a local diffusers pipeline folder, or None for the embedded genfast-mini.
+    workers: how many jobs may run on pipelines at once (the queue's concurrency limit).
+    """
+
+    def __init__(self, pipeline: str | None = None, device: str = "cpu", workers: int = 2):
+        from ..models import load_mini
+        from ..quant.saving import load_pipeline
+
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.pipeline_path = pipeline
+        self.device = torch.device(device)
+        base = load_mini(device) if pipeline is None else load_pipeline(pipeline, device)
+        base.set_progress_bar_config(disable=True)
+        self.base = base
+        self.workers = workers
+        self._pool: queue.Queue = queue.Queue()
+        for i in range(workers):
+            self._pool.put(base if i == 0 else _worker_copy(base))
+        self._lock = threading.Lock()
+        self._cache: dict[str, object] = {}
+
+    def warm_up(self) -> None:
+        """One short call per worker: a process's first call pays for allocations no later call pays for,
+        and the first job's baseline would look slower than it is."""
+        for _ in range(self.workers):
+            with self.worker() as pipe:
+                pipe("warm-up", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    @property
+    def is_mini(self) -> bool:
+        return self.pipeline_path is None
+
+    @contextmanager
+    def worker(self):
+        """A pipeline nobody else uses until the block ends; whatever a job put on it must come off inside."""
+        pipe = self._pool.get()
+        try:
+            yield pipe
+        finally:
+            self._pool.put(pipe)
+
+    def shared(self, key: str, load):
+        """`load()` once per key (thread-safe): the evaluator, the assembled student, the heads prior ..."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = load()
+            return self._cache[key]
+
+    def evaluator(self):
+        from ..models import load_evaluator
+
+        return self.shared("evaluator", lambda: load_evaluator(self.device))
+
+
+# ---------------------------------------------------------------- images
+
+
+def to_pil(image) -> Image.Image:
+    """A (3, H, W) tensor in [0, 1], an HWC uint8 array or a PIL image -> RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def enlarge(image: Image.Image, side: int = 256) -> Image.Image:
+    """Nearest-neighbour enlargement of a small image (genfast-mini draws 64x64) so pixels stay sharp."""
+    if image.width >= side:
+        return image
+    k = max(1, side // image.width)
+    return image.resize((image.width * k, image.height * k), Image.NEAREST)
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def demo_dir() -> Path:
+    """Where the demo writes files it offers for download (Gradio serves them from its cache)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "genfast-demo"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

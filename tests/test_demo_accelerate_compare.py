@@ -1,0 +1,161 @@
+"""The demo's Accelerate and Compare tabs, called as plain functions."""
+
+import threading
+
+import gradio as gr
+import pytest
+import torch
+from demo_helpers import direct, shrink
+
+from genfast.demo.accelerate_tab import AccelerateTab
+from genfast.demo.common import DemoModels, Jobs
+from genfast.demo.compare_tab import CompareTab
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def models():
+    return DemoModels(workers=2)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from genfast.models import load_mini
+
+    pipe = load_mini()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _unet_state(models):
+    with models.worker() as a, models.worker() as b:
+        return [{k: v.clone() for k, v in p.unet.state_dict().items()} for p in (a, b)], [a, b]
+
+
+def _assert_workers_clean(models, before):
+    after, pipes = _unet_state(models)
+    for b, a, pipe in zip(before, after, pipes, strict=True):
+        assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
+        assert not pipe.unet.__dict__.get("_genfast_handles")  # no method left on it
+        assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks
+
+
+def test_accelerate_images_and_numbers_match_genfast_outside_the_demo(models, reference):
+    tab = AccelerateTab(models, Jobs())
+    base, fast, slider, table, numbers = tab.run(PROMPT, 3, 12, 5.0, "feature_inheritance:interval=3")
+    assert (shrink(base) == direct(reference, PROMPT, 3, 12, 5.0)).all()
+    fi = direct(reference, PROMPT, 3, 12, 5.0, [("feature_inheritance", {"interval": 3})])
+    assert (shrink(fast) == fi).all()
+    assert slider[0] is base and slider[1] is fast
+    # uniform interval 3 over 12 calls: steps 0, 3, 6, 9 run in full
+    assert numbers["accelerated"]["calls"] == 12 and numbers["accelerated"]["full_calls"] == 4
+    assert numbers["baseline"]["full_calls"] == numbers["baseline"]["calls"] == 12
+    from genfast.eval.faithfulness import faithfulness
+
+    as_t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    expected = faithfulness(as_t(fi), as_t(direct(reference, PROMPT, 3, 12, 5.0)))
+    assert numbers["psnr"] == pytest.approx(expected["psnr"], abs=1e-4)
+    assert numbers["ssim"] == pytest.approx(expected["ssim"], abs=1e-4)
+    assert numbers["speedup"] == pytest.approx(numbers["baseline"]["latency_s"] / numbers["accelerated"]["latency_s"])
+    assert "PSNR" in table and "full / all" in table
+
+
+def test_accelerate_runs_a_chain_and_leaves_the_worker_as_it_was(models, reference):
+    before, _ = _unet_state(models)
+    tab = AccelerateTab(models, Jobs())
+    _, fast, _, _, numbers = tab.run(PROMPT, 1, 6, 5.0, "quantize:weights=int8+feature_inheritance:interval=2")
+    assert numbers["recipe"] == "quantize(weights=int8) + feature_inheritance(interval=2)"
+    assert (shrink(fast) == direct(reference, PROMPT, 1, 6, 5.0, [("quantize", {"weights": "int8"}),
+                                                                  ("feature_inheritance", {"interval": 2})])).all()
+    _assert_workers_clean(models, before)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", 0, 25, 5.0, "feature_inheritance"), "Type a prompt"),
+    (("   ", 0, 25, 5.0, "feature_inheritance"), "Type a prompt"),
+    ((PROMPT, 0, 0, 5.0, "feature_inheritance"), "Steps must be a whole number from 1 to 100"),
+    ((PROMPT, 0, 101, 5.0, "feature_inheritance"), "Steps must be a whole number from 1 to 100"),
+    ((PROMPT, 0, 2.5, 5.0, "feature_inheritance"), "Steps must be a whole number"),
+    ((PROMPT, -1, 25, 5.0, "feature_inheritance"), "Seed must be a whole number"),
+    ((PROMPT, 0, 25, -1.0, "feature_inheritance"), "Guidance must be a number from 0 to 20"),
+    ((PROMPT, 0, 25, 5.0, ""), "Choose a method"),
+    ((PROMPT, 0, 25, 5.0, "warp_drive"), "unknown method 'warp_drive'"),
+    ((PROMPT, 0, 25, 5.0, "feature_inheritance:interval=0"), "interval"),
+    ((PROMPT, 0, 25, 5.0, "feature_inheritance:interval=2,3"), "sweep of 2 variants"),
+])
+def test_accelerate_bad_input_is_a_clear_error(models, args, message):
+    with pytest.raises(gr.Error) as err:
+        AccelerateTab(models, Jobs()).run(*args)
+    assert message in err.value.message
+
+
+def test_cancel_stops_the_job_within_a_step_and_frees_a_clean_worker(models):
+    before, _ = _unet_state(models)
+    tab = AccelerateTab(models, Jobs())
+    steps_seen = []
+
+    def progress(value=None, desc=None):  # the Cancel button, pressed once the accelerated call has begun
+        steps_seen.append(desc)
+        if desc == "accelerated":
+            tab.cancel()
+
+    with pytest.raises(gr.Error, match="Cancelled"):
+        tab.run(PROMPT, 0, 50, 5.0, "feature_inheritance", progress=progress)
+    assert steps_seen.count("accelerated") == 1  # stopped at the step after the press
+    _assert_workers_clean(models, before)
+
+
+def test_concurrent_jobs_each_get_their_own_worker_and_correct_images(models, reference):
+    tab = AccelerateTab(models, Jobs())
+    results, errors = {}, []
+
+    def job(seed):
+        try:
+            results[seed] = tab.run(PROMPT, seed, 8, 5.0, "feature_inheritance:interval=2")
+        except Exception as err:  # noqa: BLE001 -- reported by the assert below
+            errors.append(err)
+
+    threads = [threading.Thread(target=job, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for seed, (base, fast, *_) in results.items():
+        assert (shrink(base) == direct(reference, PROMPT, seed, 8, 5.0)).all()
+        assert (shrink(fast) == direct(reference, PROMPT, seed, 8, 5.0,
+                                       [("feature_inheritance", {"interval": 2})])).all()
+
+
+def test_compare_tab_writes_the_report_of_genfast_compare(models):
+    table, pareto, grid, report = CompareTab(models, Jobs()).run("feature_inheritance:interval=2,3", 2, 6, 5.0)
+    names = [row["name"] for row in report["variants"]]
+    assert names == ["baseline", "feature_inheritance(interval=2)", "feature_inheritance(interval=3)"]
+    assert report["num_images"] == 2 and report["steps"] == 6
+    assert all(name in table for name in names)
+    assert pareto.endswith("pareto.png") and grid.endswith("grid.png")
+    from PIL import Image
+
+    assert Image.open(pareto).size[0] > 0 and Image.open(grid).size[0] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", 4, 25, 5.0), "at least one method"),
+    (("feature_inheritance", 0, 25, 5.0), "Images must be a whole number from 2 to 16"),
+    (("feature_inheritance", 4, 200, 5.0), "Steps must be"),
+    (("feature_inheritance\nwarp_drive", 4, 25, 5.0), "unknown method 'warp_drive'"),
+])
+def test_compare_bad_input_is_a_clear_error(models, args, message):
+    with pytest.raises(gr.Error) as err:
+        CompareTab(models, Jobs()).run(*args)
+    assert message in err.value.message
+
+
+def test_compare_cancel_stops_the_run(models, monkeypatch):
+    jobs = Jobs()
+    pressed = threading.Event()
+    pressed.set()  # Cancel pressed: the first denoising step stops the comparison
+    monkeypatch.setattr(jobs, "start", lambda request, tab: pressed)
+    with pytest.raises(gr.Error, match="Cancelled"):
+        CompareTab(models, jobs).run("feature_inheritance", 2, 6, 5.0)
