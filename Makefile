@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.genfast-installed
 
-.PHONY: run test lint train-mini bench
+.PHONY: run test lint train-mini bench browser demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,8 +16,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/genfast compare --out outputs/compare
 
-test: $(STAMP)
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# the demo's browser test drives Debian's chromium; installed with apt when missing and we are root (CI is)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null; } || \
+	  echo "no chromium and no root apt-get: the browser tests will skip (apt-get install chromium)"
+
+demo: $(STAMP)
+	$(VENV)/bin/genfast demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check genfast tests bench

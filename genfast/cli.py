@@ -267,11 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_analyze import add_analyze_parser
     from .cli_assemble import add_assemble_parser
+    from .cli_demo import add_demo_parser
     from .cli_distill import add_distill_parser
 
     add_analyze_parser(sub)
     add_assemble_parser(sub)
     add_distill_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -15,3 +15,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_server():
+    """The whole `genfast demo` app on the embedded models, served on 127.0.0.1 for the session:
+    (DemoModels, local URL). The gradio_client and browser tests share it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from genfast.demo.app import launch
+    from genfast.demo.common import DemoModels
+
+    models = DemoModels()
+    models.warm_up()
+    app, url = launch(models, host="127.0.0.1", port=None, block=False)
+    yield models, url
+    app.close()

@@ -53,7 +53,7 @@ def test_accelerate_images_and_numbers_match_genfast_outside_the_demo(models, re
     assert numbers["baseline"]["full_calls"] == numbers["baseline"]["calls"] == 12
     from genfast.eval.faithfulness import faithfulness
 
-    as_t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    as_t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
     expected = faithfulness(as_t(fi), as_t(direct(reference, PROMPT, 3, 12, 5.0)))
     assert numbers["psnr"] == pytest.approx(expected["psnr"], abs=1e-4)
     assert numbers["ssim"] == pytest.approx(expected["ssim"], abs=1e-4)

@@ -26,6 +26,7 @@ from .common import (
     fmt_seconds,
     step_callback,
     to_pil,
+    uint8_pixels,
     user_errors,
 )
 
@@ -89,7 +90,7 @@ class AccelerateTab:
         self.models, self.jobs = models, jobs
 
     @user_errors
-    def run(self, prompt, seed, steps, guidance, recipe, request: gr.Request = None, progress=gr.Progress()):
+    def run(self, prompt, seed, steps, guidance, recipe, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008 -- Gradio injects its tracker there
         """(baseline image, accelerated image, (baseline, accelerated) for the slider, numbers markdown, numbers)."""
         from ..eval.compare import apply_recipe, remove_recipe
         from ..eval.cost import time_call
@@ -116,9 +117,7 @@ class AccelerateTab:
                 fast, fast_images = time_call(pipe, call(pipe, "accelerated"), handles)
             finally:
                 remove_recipe(handles)
-        # metrics on the pixels a saved PNG holds
-        to_uint8 = lambda t: (t.float().clamp(0, 1) * 255).round() / 255  # noqa: E731
-        faith = faithfulness(to_uint8(fast_images), to_uint8(base_images))
+        faith = faithfulness(uint8_pixels(fast_images), uint8_pixels(base_images))
         numbers = {
             "recipe": variant.name,
             "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,

@@ -127,18 +127,31 @@ def step_callback(flag: threading.Event | None, progress=None, desc: str = "deno
 # ---------------------------------------------------------------- models
 
 
-def _worker_copy(pipe):
-    """A pipeline of the same class with its own denoiser and scheduler, sharing every other component."""
+def with_denoiser(pipe, denoiser: torch.nn.Module, scheduler=None):
+    """A pipeline of `pipe`'s class with `denoiser` (and `scheduler`, if given) in place of its own and every
+    other component the very same object: nothing is loaded or copied."""
+    import inspect
+
     from ..pipelines import denoiser_of
 
-    denoiser = denoiser_of(pipe)
-    name = next(k for k, v in pipe.components.items() if v is denoiser)
-    parts = dict(pipe.components)
-    parts[name] = copy.deepcopy(denoiser)
-    parts["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    worker = type(pipe)(**parts)
-    worker.set_progress_bar_config(disable=True)
-    return worker
+    name = next(k for k, v in pipe.components.items() if v is denoiser_of(pipe))
+    parts = {**pipe.components, name: denoiser}
+    if scheduler is not None:
+        parts["scheduler"] = scheduler
+    # the constructor's own settings too (requires_safety_checker=False keeps diffusers from warning each time)
+    accepted = inspect.signature(type(pipe).__init__).parameters
+    parts.update({k: v for k, v in pipe.config.items() if k in accepted and k not in parts})
+    out = type(pipe)(**parts)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def _worker_copy(pipe):
+    """A worker: its own copy of the denoiser and its own scheduler (it keeps per-call state), the rest shared."""
+    from ..pipelines import denoiser_of
+
+    return with_denoiser(pipe, copy.deepcopy(denoiser_of(pipe)),
+                         type(pipe.scheduler).from_config(pipe.scheduler.config))
 
 
 class DemoModels:
@@ -213,7 +226,12 @@ def to_pil(image) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float tensor in [0, 1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def uint8_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Pipeline output in [0, 1] as the pixels a saved PNG holds (every metric on the page is taken on those)."""
+    return (images.float().clamp(0, 1) * 255).round() / 255
 
 
 def enlarge(image: Image.Image, side: int = 256) -> Image.Image:

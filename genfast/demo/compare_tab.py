@@ -41,7 +41,7 @@ class CompareTab:
 
     @user_errors
     def run(self, recipes, num_images, steps, guidance, request: gr.Request = None,
-            progress=gr.Progress(track_tqdm=True)):
+            progress=gr.Progress(track_tqdm=True)):  # noqa: B008 -- Gradio injects its tracker
         """(report table markdown, pareto.png, grid.png, report dict) of one comparison."""
         from ..eval.compare import CompareSettings, run_compare
         from ..eval.variants import parse_variants

@@ -42,6 +42,7 @@ PHASES = "phases.json"  # sha256 of each finished phase's safetensors file
 LATENT_SPACES = ("w", "w+")
 RESUMABLE_CHANGES = ("steps", "ckpt_every", "ckpt_minutes")  # settings a rerun may change and still resume
 SEGMENTS = "segments.json"  # in the work folder: wall time of each run (segment) of an unfinished personalization
+STEP_PHASES = ("cameras", "latents", "adapters")  # the phases personalize(on_step=...) reports, in order
 
 
 @dataclass(frozen=True)
@@ -138,20 +139,20 @@ INIT_TRUST = 0.15  # rad: how far analysis-by-synthesis may move yaw and pitch f
 
 
 def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True,
-                init: torch.Tensor | None = None) -> torch.Tensor:
+                init: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
     """(N, 25) cameras for photos (N, 3, H, W) in [-1, 1]: yaw, pitch and w fitted together, best of several starts.
 
     ``init`` (N, 2): yaw and pitch offsets from frontal (radians) estimated from face landmarks
     (`genfast.data.faces`): the one start per photo instead of ``cfg.camera_starts``, and the fit stays
     within ``INIT_TRUST`` of it (a prior that does not know real faces would otherwise pull frontal
     portraits towards steep pitches). A short plain optimisation (not the training loop): its result
-    is a phase file of the run.
+    is a phase file of the run. ``on_step()``, when given, runs after every optimizer step.
     """
     if init is not None and tuple(init.shape) != (len(targets), 2):
         raise ValueError(f"init must be (N, 2) yaw and pitch offsets for {len(targets)} photos, got {tuple(init.shape)}")
     if len(targets) > cfg.batch:  # each photo's fit is its own (summed losses): a batch at a time keeps memory flat
-        return torch.cat([fit_cameras(G, targets[part], cfg, progress, None if init is None else init[part])
-                          for part in chunks(len(targets), cfg.batch)])
+        return torch.cat([fit_cameras(G, targets[part], cfg, progress, None if init is None else init[part],
+                                      on_step) for part in chunks(len(targets), cfg.batch)])
     targets = targets.to(device_of(G))
     if init is None:
         n, k = len(targets), len(cfg.camera_starts)
@@ -179,22 +180,25 @@ def fit_cameras(G, targets: torch.Tensor, cfg: PersonalizeConfig, progress: bool
         with torch.no_grad():
             yaw.copy_(torch.minimum(torch.maximum(yaw, low[0]), high[0]))
             pitch.copy_(torch.minimum(torch.maximum(pitch, low[1]), high[1]).clamp(-0.5, 0.5))
+        if on_step is not None:
+            on_step()
     best = per_image.detach().view(n, k).argmin(1) + torch.arange(n, device=targets.device) * k
     return _cameras(yaw.detach()[best], pitch.detach()[best], n).float()
 
 
 def invert(G, targets: torch.Tensor, cams: torch.Tensor, cfg: PersonalizeConfig, progress: bool = True,
-           share: float = 1.0):
+           share: float = 1.0, on_step=None):
     """Latents of photos with the generator frozen, ws (N, num_ws, w_dim): one w per photo repeated over
     the layers ("w"), or one per layer ("w+", started from the same w_avg).
 
     More than ``cfg.batch`` photos are inverted a batch at a time, each batch's mean loss weighted by its
     ``share`` of the photos: every w gets the gradient it would get in one batch of all, in flat memory.
+    ``on_step()``, when given, runs after every optimizer step.
     """
     if len(targets) > cfg.batch:
         n = len(targets)
-        return torch.cat([invert(G, targets[part], cams[part], cfg, progress, share=(part.stop - part.start) / n)
-                          for part in chunks(n, cfg.batch)])
+        return torch.cat([invert(G, targets[part], cams[part], cfg, progress, share=(part.stop - part.start) / n,
+                                 on_step=on_step) for part in chunks(n, cfg.batch)])
     targets, cams = targets.to(device_of(G)), cams.to(device_of(G))
     layers = G.num_ws if cfg.latent_space == "w+" else 1
     w = G.backbone.mapping.w_avg.detach()[None, None].repeat(len(targets), layers, 1).requires_grad_(True)
@@ -206,6 +210,8 @@ def invert(G, targets: torch.Tensor, cams: torch.Tensor, cfg: PersonalizeConfig,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     return w.detach().expand(-1, G.num_ws, -1).contiguous()
 
 
@@ -265,7 +271,7 @@ def work_dir_of(out: str | Path) -> Path:
 def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg: PersonalizeConfig,
                 cameras: torch.Tensor | None = None, identity=None, progress: bool = True, log=print,
                 ws: torch.Tensor | None = None, camera_init: torch.Tensor | None = None,
-                alignment: dict | None = None, crops_png: bytes | None = None) -> dict:
+                alignment: dict | None = None, crops_png: bytes | None = None, on_step=None) -> dict:
     """Fit G (modified in place: adapters added) to photos (N, 3, H, W) in [0, 1]; write the adapter folder.
 
     ``identity``: the network behind the symmetry term (and the offline LPIPS stand-in): the embedded
@@ -274,6 +280,10 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
     ``camera_init`` (N, 2): landmark yaw/pitch estimates the camera fit starts from (`fit_cameras`);
     ``alignment`` (how the photos were cropped) goes into the summary, ``crops_png`` (the contact sheet of
     the crops) into the adapter folder as ``crops.png``.
+    ``on_step(phase, step, total)``: called after every step of each phase that runs (`STEP_PHASES`:
+    camera fitting, latent inversion, adapter training; ``step`` counts 1 .. ``total`` within the phase,
+    the adapters' from the step a resumed run starts at). An exception it raises stops the run there,
+    resumable like any interruption (a progress bar, a cancel button).
 
     Resumable: rerunning with the same photos (by content: renamed files resume), base, identity
     network and settings (``steps`` and ``ckpt_every`` may change) continues from `<out>.work`;
@@ -318,14 +328,17 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
         clock = _Segments(work, t0)
         G.requires_grad_(False)
         try:
+            parts = len(chunks(len(targets), cfg.batch))  # the fits run a batch at a time: their steps add up
+            tick_cams = _ticker(on_step, "cameras", cfg.camera_steps * parts)
             cams = given_cams if given_cams is not None else _phase(
-                work, "cameras", lambda: fit_cameras(G, targets, cfg, progress, init)).to(device)
+                work, "cameras", lambda: fit_cameras(G, targets, cfg, progress, init, tick_cams)).to(device)
             clock.save()
+            tick_ws = _ticker(on_step, "latents", cfg.invert_steps * parts)
             ws = given_ws if given_ws is not None else _phase(
-                work, "latents", lambda: invert(G, targets, cams, cfg, progress)).to(device)
+                work, "latents", lambda: invert(G, targets, cams, cfg, progress, on_step=tick_ws)).to(device)
             clock.save()
             trained, perceptual = _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log,
-                                         on_checkpoint=clock.save)
+                                         on_checkpoint=clock.save, on_step=on_step)
         except BaseException:  # interrupted: this segment's time still counts when the rerun finishes
             clock.save()
             raise
@@ -339,6 +352,14 @@ def personalize(G, names: list[str], photos: torch.Tensor, out: str | Path, cfg:
         _write_adapter(G, out, cfg, base, names, ws[back], cams[back], summary, crops_png)
         shutil.rmtree(work)  # the adapter is written: a rerun starts afresh instead of resuming a finished run
     return summary
+
+
+def _ticker(on_step, phase: str, total: int):
+    """A no-argument callback that reports ``phase``'s steps to ``on_step`` as 1, 2, ... of ``total`` (None: none)."""
+    if on_step is None:
+        return None
+    done = iter(range(1, total + 1))
+    return lambda: on_step(phase, next(done), total)
 
 
 class _Segments:
@@ -374,7 +395,7 @@ def check_adapter_out(out: str | Path) -> Path:
 
 
 def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log,
-           on_checkpoint=lambda: None) -> tuple[int, str]:
+           on_checkpoint=lambda: None, on_step=None) -> tuple[int, str]:
     """Train the adapters (or every synthesis/SR weight) on the one loop; returns (parameters, perceptual).
 
     More than ``cfg.batch`` photos make each step several micro-batches (the loop's gradient accumulation),
@@ -416,7 +437,8 @@ def _train(G, cfg, work, lock, targets, cams, ws, identity, progress, log,
                              f"rerun with steps >= {start} to finish it, or delete {work} to start over")
         if start:
             log(f"[personalize] resumed at step {start}")
-        loop.run(step, on_save=lambda _: on_checkpoint())
+        loop.run(step, on_save=lambda _: on_checkpoint(),
+                 on_step=None if on_step is None else lambda done: on_step("adapters", done, cfg.steps))
     return sum(p.numel() for p in params), perceptual.name
 
 
