@@ -41,7 +41,7 @@ SHOWN = """(sel) => {
   const table = document.querySelector('#accelerate-numbers');
   return [imgs.map(i => i ? i.src : null), table ? table.innerText : ''];
 }"""
-# done: both images are new (a new prompt makes new files) and loaded, and the numbers table is new
+# done: both images are new (a new seed makes new files) and loaded, and the numbers table is new
 DONE = """([sel, before]) => {
   const imgs = sel.map(s => document.querySelector(s));
   const table = document.querySelector('#accelerate-numbers');
@@ -59,12 +59,13 @@ def click_to_result(url: str, chromium: str, args) -> list[float]:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.wait_for_selector("#accelerate-run", timeout=120_000)
+        page.fill("#accelerate-prompt textarea", PROMPT)
         page.fill("#accelerate-recipe input", args.recipe)
         page.keyboard.press("Enter")
         page.fill("#accelerate-steps input[type=number]", str(args.steps))
         page.keyboard.press("Enter")
         for i in range(args.clicks):
-            page.fill("#accelerate-prompt textarea", f"{PROMPT} {i}")  # a new prompt: nothing can be cached
+            page.fill("#accelerate-seed input", str(100 + i))  # a new seed: new images, nothing could be cached
             page.wait_for_timeout(300)
             before = page.evaluate(SHOWN, SELECTORS)
             t0 = time.perf_counter()

@@ -56,6 +56,13 @@ def _wait_text(page, selector: str, *texts: str) -> str:
     return page.inner_text(selector)
 
 
+def _wait_image(page, selector: str) -> int:
+    """The natural width of the image under `selector` once it has loaded (it loads after the numbers arrive)."""
+    js = f"() => {{ const i = document.querySelector('{selector} img'); return i && i.complete && i.naturalWidth; }}"
+    page.wait_for_function(js, timeout=LONG)
+    return page.evaluate(js)
+
+
 def _errors_shown(page) -> str:
     page.wait_for_selector(".toast-body", timeout=LONG)
     return page.inner_text("body")
@@ -66,8 +73,7 @@ def test_accelerate_tab_shows_both_images_and_the_numbers(page):
     page.fill("#accelerate-prompt textarea", "a green square on a white background")
     page.click("#accelerate-run")
     numbers = _wait_text(page, "#accelerate-numbers", "dB", "speed-up")
-    for selector in ("#accelerate-baseline img", "#accelerate-accelerated img"):
-        assert page.locator(selector).first.evaluate("img => img.complete && img.naturalWidth") == 256
+    assert _wait_image(page, "#accelerate-baseline") == _wait_image(page, "#accelerate-accelerated") == 256
     assert "speed-up" in numbers and "25 / 25" in numbers  # the baseline ran every step in full
     _screenshot(page, "accelerate")
 
@@ -96,8 +102,7 @@ def test_compare_tab_shows_the_report_table_and_its_plot(page):
     page.click("#compare-run")
     table = _wait_text(page, "#compare-numbers", "feature_inheritance(interval=4)", "PSNR")
     assert "feature_inheritance(interval=2)" in table and "baseline" in table
-    page.wait_for_function("() => { const i = document.querySelector('#compare-pareto img'); "
-                           "return i && i.complete && i.naturalWidth > 0; }", timeout=LONG)
+    _wait_image(page, "#compare-pareto")
     _screenshot(page, "compare")
 
 
@@ -113,6 +118,9 @@ def test_assemble_tab_shows_teacher_student_and_multi_unet(page):
     _open(page, "Assemble")
     page.click("#assemble-run")
     table = _wait_text(page, "#assemble-numbers", "dB", "student")
+    assert "multi-UNet" in table
+    for name in ("teacher", "student-image", "multi"):
+        assert _wait_image(page, f"#assemble-{name}") == 256
     _screenshot(page, "assemble")
 
 
@@ -143,7 +151,6 @@ def test_heads_tab_personalizes_from_uploaded_photos(page, tmp_path):
     table = _wait_text(page, "#heads-numbers", "photos", "PSNR")
     assert "10" in table
     page.wait_for_selector("#heads-orbit video", timeout=LONG)
-    page.wait_for_function("() => { const i = document.querySelector('#heads-strip img'); "
-                           "return i && i.complete && i.naturalWidth > 0; }", timeout=LONG)
+    _wait_image(page, "#heads-strip")
     assert page.locator("#heads-adapter a").count() >= 1  # the adapter offered for download
     _screenshot(page, "heads")
