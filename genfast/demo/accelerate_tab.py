@@ -14,16 +14,13 @@ import gradio as gr
 import torch
 
 from .common import (
-    MAX_GUIDANCE,
-    MAX_SEED,
-    MAX_STEPS,
     DemoModels,
-    Jobs,
-    check_int,
-    check_number,
-    check_prompt,
+    Tab,
+    check_generation,
     enlarge,
     fmt_seconds,
+    prompt_box,
+    sampling_inputs,
     step_callback,
     to_pil,
     uint8_pixels,
@@ -83,11 +80,8 @@ def numbers_table(numbers: dict) -> str:
     ])
 
 
-class AccelerateTab:
+class AccelerateTab(Tab):
     TAB = "accelerate"
-
-    def __init__(self, models: DemoModels, jobs: Jobs):
-        self.models, self.jobs = models, jobs
 
     @user_errors
     def run(self, prompt, seed, steps, guidance, recipe, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008 -- Gradio injects its tracker there
@@ -96,10 +90,7 @@ class AccelerateTab:
         from ..eval.cost import time_call
         from ..eval.faithfulness import faithfulness
 
-        prompt = check_prompt(prompt)
-        seed = check_int("Seed", seed, 0, MAX_SEED)
-        steps = check_int("Steps", steps, 1, MAX_STEPS)
-        guidance = check_number("Guidance", guidance, 0.0, MAX_GUIDANCE)
+        prompt, seed, steps, guidance = check_generation(prompt, seed, steps, guidance)
         variant = parse_recipe(recipe)
         flag = self.jobs.start(request, self.TAB)
         kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
@@ -132,26 +123,16 @@ class AccelerateTab:
         a, b = enlarge(to_pil(base_images[0])), enlarge(to_pil(fast_images[0]))
         return a, b, (a, b), numbers_table(numbers), numbers
 
-    def cancel(self, request: gr.Request = None) -> None:
-        self.jobs.cancel(request, self.TAB)
-
     def build(self) -> None:
         t = self.TAB
         recipes = example_recipes(self.models)
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value="a red circle on a blue background", elem_id=f"{t}-prompt")
+                prompt = prompt_box(t)
                 recipe = gr.Dropdown(recipes, value=recipes[0], allow_custom_value=True, elem_id=f"{t}-recipe",
                                      label="Method or chain (as `genfast compare --method` takes it)")
-                with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
-                                     elem_id=f"{t}-seed")
-                    steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id=f"{t}-steps")
-                    guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance",
-                                         elem_id=f"{t}-guidance")
-                with gr.Row():
-                    run = gr.Button("Run baseline and accelerated", variant="primary", elem_id=f"{t}-run")
-                    stop = gr.Button("Cancel", elem_id=f"{t}-cancel")
+                seed, steps, guidance = sampling_inputs(t)
+                run, stop = self.buttons("Run baseline and accelerated")
                 with gr.Accordion("Methods and their options", open=False):
                     gr.Markdown(method_help())
             with gr.Column(scale=2):
@@ -162,6 +143,4 @@ class AccelerateTab:
                 table = gr.Markdown(elem_id=f"{t}-numbers")
                 with gr.Accordion("raw numbers", open=False):
                     raw = gr.JSON(elem_id=f"{t}-json")
-        event = run.click(self.run, [prompt, seed, steps, guidance, recipe], [base, fast, slider, table, raw],
-                          api_name=t, concurrency_id="pipelines", concurrency_limit=self.models.workers)
-        stop.click(self.cancel, None, None, cancels=[event], api_name=f"cancel_{t}", queue=False)
+        self.wire(run, stop, [prompt, seed, steps, guidance, recipe], [base, fast, slider, table, raw])

@@ -18,16 +18,14 @@ import gradio as gr
 import torch
 
 from .common import (
-    MAX_GUIDANCE,
-    MAX_SEED,
-    MAX_STEPS,
     DemoModels,
-    Jobs,
-    check_int,
+    Tab,
+    check_generation,
     check_number,
-    check_prompt,
     enlarge,
     fmt_seconds,
+    prompt_box,
+    sampling_inputs,
     step_callback,
     to_pil,
     uint8_pixels,
@@ -119,11 +117,8 @@ def numbers_table(n: dict) -> str:
     ])
 
 
-class AssembleTab:
+class AssembleTab(Tab):
     TAB = "assemble"
-
-    def __init__(self, models: DemoModels, jobs: Jobs):
-        self.models, self.jobs = models, jobs
 
     @user_errors
     def run(self, prompt, seed, steps, guidance, switch_at, student, request: gr.Request = None,
@@ -133,10 +128,7 @@ class AssembleTab:
         from ..eval.cost import time_call
         from ..eval.faithfulness import faithfulness
 
-        prompt = check_prompt(prompt)
-        seed = check_int("Seed", seed, 0, MAX_SEED)
-        steps = check_int("Steps", steps, 1, MAX_STEPS)
-        guidance = check_number("Guidance", guidance, 0.0, MAX_GUIDANCE)
+        prompt, seed, steps, guidance = check_generation(prompt, seed, steps, guidance)
         switch_at = check_switch(switch_at, steps)
         progress(None, desc="loading the student")
         student_unet = load_student(self.models, student)
@@ -174,30 +166,20 @@ class AssembleTab:
         images = [enlarge(to_pil(x[0])) for x in (teacher_images, student_images, multi_images)]
         return *images, numbers_table(numbers), numbers
 
-    def cancel(self, request: gr.Request = None) -> None:
-        self.jobs.cancel(request, self.TAB)
-
     def build(self) -> None:
         t = self.TAB
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value="a red circle on a blue background", elem_id=f"{t}-prompt")
+                prompt = prompt_box(t)
                 student = gr.Textbox(label="Student folder", value=default_student(self.models),
                                      placeholder="a UNet folder, or a pipeline folder whose unet/ is the student",
                                      info="an assembled student of this pipeline's UNet (genfast assemble / distill)",
                                      elem_id=f"{t}-student")
-                with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
-                                     elem_id=f"{t}-seed")
-                    steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id=f"{t}-steps")
-                    guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance",
-                                         elem_id=f"{t}-guidance")
+                seed, steps, guidance = sampling_inputs(t)
                 switch_at = gr.Slider(0.05, 0.95, value=0.4, step=0.05, label="Switch at (multi-UNet)",
                                       info="the fraction of steps the student runs before the teacher takes over",
                                       elem_id=f"{t}-switch-at")
-                with gr.Row():
-                    run = gr.Button("Run teacher, student and multi-UNet", variant="primary", elem_id=f"{t}-run")
-                    stop = gr.Button("Cancel", elem_id=f"{t}-cancel")
+                run, stop = self.buttons("Run teacher, student and multi-UNet")
             with gr.Column(scale=2):
                 with gr.Row():
                     teacher = gr.Image(label="Teacher", elem_id=f"{t}-teacher", format="png", buttons=["download"])
@@ -207,7 +189,4 @@ class AssembleTab:
                 table = gr.Markdown(elem_id=f"{t}-numbers")
                 with gr.Accordion("raw numbers", open=False):
                     raw = gr.JSON(elem_id=f"{t}-json")
-        event = run.click(self.run, [prompt, seed, steps, guidance, switch_at, student],
-                          [teacher, small, multi, table, raw], api_name=t, concurrency_id="pipelines",
-                          concurrency_limit=self.models.workers)
-        stop.click(self.cancel, None, None, cancels=[event], api_name=f"cancel_{t}", queue=False)
+        self.wire(run, stop, [prompt, seed, steps, guidance, switch_at, student], [teacher, small, multi, table, raw])

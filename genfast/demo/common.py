@@ -59,6 +59,12 @@ def check_number(name: str, value, low: float, high: float) -> float:
     return float(value)
 
 
+def check_generation(prompt, seed, steps, guidance) -> tuple[str, int, int, float]:
+    """The inputs every text-to-image tab takes, checked: (prompt, seed, steps, guidance)."""
+    return (check_prompt(prompt), check_int("Seed", seed, 0, MAX_SEED), check_int("Steps", steps, 1, MAX_STEPS),
+            check_number("Guidance", guidance, 0.0, MAX_GUIDANCE))
+
+
 def user_errors(fn):
     """Handlers raise gr.Error for what the user can fix; genfast's own ValueError / FileNotFoundError
     already name the problem and the fix, so they are shown as they are. Anything else is a bug: Gradio
@@ -122,6 +128,52 @@ def step_callback(flag: threading.Event | None, progress=None, desc: str = "deno
         return kwargs
 
     return callback
+
+
+# ---------------------------------------------------------------- tabs
+
+DEFAULT_PROMPT = "a red circle on a blue background"
+
+
+class Tab:
+    """What every tab has: its key (TAB: Jobs' key, the prefix of its elem_ids and its API name), the shared
+    models and cancel flags, a Cancel handler, and the wiring of its Run and Cancel buttons."""
+
+    TAB = ""
+
+    def __init__(self, models: DemoModels, jobs: Jobs):
+        self.models, self.jobs = models, jobs
+
+    def cancel(self, request: gr.Request = None) -> None:
+        self.jobs.cancel(request, self.TAB)
+
+    def buttons(self, label: str) -> tuple[gr.Button, gr.Button]:
+        with gr.Row():
+            return (gr.Button(label, variant="primary", elem_id=f"{self.TAB}-run"),
+                    gr.Button("Cancel", elem_id=f"{self.TAB}-cancel"))
+
+    def wire(self, run: gr.Button, stop: gr.Button, inputs: list, outputs: list, concurrency_id: str = "pipelines",
+             concurrency_limit: int | None = None) -> None:
+        """Run -> self.run (API name TAB) in the queue; Cancel -> the job's flag and Gradio's own cancel.
+
+        Jobs on worker pipelines share the "pipelines" limit: one job per worker, whatever its tab."""
+        limit = self.models.workers if concurrency_limit is None else concurrency_limit
+        event = run.click(self.run, inputs, outputs, api_name=self.TAB, concurrency_id=concurrency_id,
+                          concurrency_limit=limit)
+        stop.click(self.cancel, None, None, cancels=[event], api_name=f"cancel_{self.TAB}", queue=False)
+
+
+def prompt_box(t: str) -> gr.Textbox:
+    return gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, elem_id=f"{t}-prompt")
+
+
+def sampling_inputs(t: str) -> tuple[gr.Number, gr.Slider, gr.Slider]:
+    """Seed, steps and guidance in one row (what check_generation checks)."""
+    with gr.Row():
+        seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id=f"{t}-seed")
+        steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id=f"{t}-steps")
+        guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance", elem_id=f"{t}-guidance")
+    return seed, steps, guidance
 
 
 # ---------------------------------------------------------------- models

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from .common import MAX_GUIDANCE, MAX_STEPS, DemoModels, Jobs, check_int, check_number, demo_dir, user_errors
+from .common import (
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    Tab,
+    check_int,
+    check_number,
+    demo_dir,
+    user_errors,
+)
 
 MAX_IMAGES = 16
 DEFAULT_RECIPES = "feature_inheritance:interval=2,3,5\nquantize:weights=int8"
@@ -33,11 +41,8 @@ def report_table(report_md: str) -> str:
     return "\n".join(keep).strip()
 
 
-class CompareTab:
+class CompareTab(Tab):
     TAB = "compare"
-
-    def __init__(self, models: DemoModels, jobs: Jobs):
-        self.models, self.jobs = models, jobs
 
     @user_errors
     def run(self, recipes, num_images, steps, guidance, request: gr.Request = None,
@@ -63,9 +68,6 @@ class CompareTab:
         table = report_table((out / "report.md").read_text())
         return table, str(out / "pareto.png"), str(out / "grid.png"), report
 
-    def cancel(self, request: gr.Request = None) -> None:
-        self.jobs.cancel(request, self.TAB)
-
     def build(self) -> None:
         t = self.TAB
         with gr.Row():
@@ -78,9 +80,7 @@ class CompareTab:
                     steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id=f"{t}-steps")
                     guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance",
                                          elem_id=f"{t}-guidance")
-                with gr.Row():
-                    run = gr.Button("Compare", variant="primary", elem_id=f"{t}-run")
-                    stop = gr.Button("Cancel", elem_id=f"{t}-cancel")
+                run, stop = self.buttons("Compare")
             with gr.Column(scale=2):
                 pareto = gr.Image(label="Speed-up against quality", elem_id=f"{t}-pareto", format="png", buttons=["download"])
         table = gr.Markdown(elem_id=f"{t}-numbers")
@@ -88,6 +88,5 @@ class CompareTab:
         with gr.Accordion("raw numbers (report.json)", open=False):
             raw = gr.JSON(elem_id=f"{t}-json")
         # its own limit: a comparison loads its own pipeline and judges, so it takes no worker
-        event = run.click(self.run, [recipes, num_images, steps, guidance], [table, pareto, grid, raw],
-                          api_name=t, concurrency_id=t, concurrency_limit=1)
-        stop.click(self.cancel, None, None, cancels=[event], api_name=f"cancel_{t}", queue=False)
+        self.wire(run, stop, [recipes, num_images, steps, guidance], [table, pareto, grid, raw],
+                  concurrency_id=t, concurrency_limit=1)

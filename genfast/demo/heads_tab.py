@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import DemoModels, Jobs, check_int, demo_dir, enlarge, fmt_seconds, to_pil, user_errors
+from .common import (
+    Jobs,
+    Tab,
+    check_int,
+    demo_dir,
+    enlarge,
+    fmt_seconds,
+    to_pil,
+    user_errors,
+)
 
 IDENTITY_SEED = 1  # seed 1 heads were never seen by the embedded prior (trained on seed 0)
 IDENTITIES = tuple(f"synthetic head {i}" for i in range(5))
@@ -137,11 +146,8 @@ def numbers_table(n: dict) -> str:
     ])
 
 
-class HeadsTab:
+class HeadsTab(Tab):
     TAB = "heads"
-
-    def __init__(self, models: DemoModels, jobs: Jobs):
-        self.models, self.jobs = models, jobs
 
     def prior(self):
         """The embedded heads prior, loaded once and never trained: jobs train a deep copy."""
@@ -259,9 +265,6 @@ class HeadsTab:
         crops = Image.open(io.BytesIO(prepared.sheet)).convert("RGB")
         return str(video), strip, str(archive), numbers_table(numbers), numbers, crops
 
-    def cancel(self, request: gr.Request = None) -> None:
-        self.jobs.cancel(request, self.TAB)
-
     def build(self) -> None:
         t = self.TAB
         with gr.Row():
@@ -279,9 +282,7 @@ class HeadsTab:
                                              elem_id=f"{t}-invert-steps", label="Latent inversion steps (CLI: 150)")
                     camera_steps = gr.Slider(*CAMERA_STEPS[:2], value=CAMERA_STEPS[2], step=1,
                                              elem_id=f"{t}-camera-steps", label="Camera fitting steps (CLI: 40)")
-                with gr.Row():
-                    run = gr.Button("Personalize", variant="primary", elem_id=f"{t}-run")
-                    stop = gr.Button("Cancel", elem_id=f"{t}-cancel")
+                run, stop = self.buttons("Personalize")
             with gr.Column(scale=2):
                 with gr.Row():
                     video = gr.Video(label="Orbit", elem_id=f"{t}-orbit", autoplay=True, loop=True)
@@ -293,7 +294,6 @@ class HeadsTab:
                 table = gr.Markdown(elem_id=f"{t}-numbers")
                 with gr.Accordion("raw numbers", open=False):
                     raw = gr.JSON(elem_id=f"{t}-json")
-        event = run.click(self.run, [photos, identity, steps, invert_steps, camera_steps, symmetry],
-                          [video, strip, adapter, table, raw, crops], api_name=t,
-                          concurrency_id=t, concurrency_limit=1)  # CPU-bound training: one job at a time
-        stop.click(self.cancel, None, None, cancels=[event], api_name=f"cancel_{t}", queue=False)
+        # CPU-bound training: one job at a time, and it takes no worker pipeline
+        self.wire(run, stop, [photos, identity, steps, invert_steps, camera_steps, symmetry],
+                  [video, strip, adapter, table, raw, crops], concurrency_id=t, concurrency_limit=1)

@@ -23,17 +23,13 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .common import (
-    MAX_GUIDANCE,
-    MAX_SEED,
-    MAX_STEPS,
-    DemoModels,
-    Jobs,
-    check_int,
-    check_number,
-    check_prompt,
+    Tab,
+    check_generation,
     demo_dir,
     enlarge,
     fmt_seconds,
+    prompt_box,
+    sampling_inputs,
     step_callback,
     to_pil,
     uint8_pixels,
@@ -177,11 +173,8 @@ def numbers_table(n: dict) -> str:
     ])
 
 
-class QuantizeTab:
+class QuantizeTab(Tab):
     TAB = "quantize"
-
-    def __init__(self, models: DemoModels, jobs: Jobs):
-        self.models, self.jobs = models, jobs
 
     @user_errors
     def run(self, prompt, seed, steps, guidance, weights, granularity, activations=NO_ACTIVATIONS,
@@ -193,10 +186,7 @@ class QuantizeTab:
         from ..eval.faithfulness import faithfulness
         from ..pipelines import denoiser_of
 
-        prompt = check_prompt(prompt)
-        seed = check_int("Seed", seed, 0, MAX_SEED)
-        steps = check_int("Steps", steps, 1, MAX_STEPS)
-        guidance = check_number("Guidance", guidance, 0.0, MAX_GUIDANCE)
+        prompt, seed, steps, guidance = check_generation(prompt, seed, steps, guidance)
         config = quant_config(weights, granularity, activations)  # ValueErrors name the option
         flag = self.jobs.start(request, self.TAB)
         kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
@@ -247,9 +237,6 @@ class QuantizeTab:
         a, b = enlarge(to_pil(base_images[0])), enlarge(to_pil(quant_images[0]))
         return (a, b), numbers_table(numbers), numbers
 
-    def cancel(self, request: gr.Request = None) -> None:
-        self.jobs.cancel(request, self.TAB)
-
     @staticmethod
     def granularity_for(weights):
         """The granularity dropdown for a format: block formats have their own blocks, nothing to choose."""
@@ -268,13 +255,8 @@ class QuantizeTab:
         t = self.TAB
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value="a red circle on a blue background", elem_id=f"{t}-prompt")
-                with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
-                                     elem_id=f"{t}-seed")
-                    steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id=f"{t}-steps")
-                    guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance",
-                                         elem_id=f"{t}-guidance")
+                prompt = prompt_box(t)
+                seed, steps, guidance = sampling_inputs(t)
                 with gr.Row():
                     weights = gr.Dropdown(list(FORMATS), value="int4", label="Weight format", elem_id=f"{t}-format")
                     granularity = gr.Dropdown(list(GRANULARITIES), value="group:64", label="Granularity",
@@ -283,9 +265,7 @@ class QuantizeTab:
                     activations = gr.Dropdown([NO_ACTIVATIONS, *ACTIVATION_FORMATS], value=NO_ACTIVATIONS,
                                               label="Activations", elem_id=f"{t}-activations",
                                               info="simulated, calibrated on one call with this prompt")
-                with gr.Row():
-                    run = gr.Button("Run float and quantized", variant="primary", elem_id=f"{t}-run")
-                    stop = gr.Button("Cancel", elem_id=f"{t}-cancel")
+                run, stop = self.buttons("Run float and quantized")
             with gr.Column(scale=2):
                 slider = gr.ImageSlider(label="float / quantized", elem_id=f"{t}-slider", format="png",
                                         type="pil", buttons=["download"])
@@ -293,7 +273,4 @@ class QuantizeTab:
                 with gr.Accordion("raw numbers", open=False):
                     raw = gr.JSON(elem_id=f"{t}-json")
         weights.change(self.granularity_for, weights, granularity, queue=False, api_visibility="private")
-        event = run.click(self.run, [prompt, seed, steps, guidance, weights, granularity, activations],
-                          [slider, table, raw], api_name=t, concurrency_id="pipelines",
-                          concurrency_limit=self.models.workers)
-        stop.click(self.cancel, None, None, cancels=[event], api_name=f"cancel_{t}", queue=False)
+        self.wire(run, stop, [prompt, seed, steps, guidance, weights, granularity, activations], [slider, table, raw])
