@@ -11,17 +11,16 @@ Compare tab.
 from __future__ import annotations
 
 import gradio as gr
-import torch
 
 from .common import (
     DemoModels,
+    SameSeed,
     Tab,
     check_generation,
     enlarge,
     fmt_seconds,
     prompt_box,
     sampling_inputs,
-    step_callback,
     to_pil,
     uint8_pixels,
     user_errors,
@@ -93,19 +92,15 @@ class AccelerateTab(Tab):
         prompt, seed, steps, guidance = check_generation(prompt, seed, steps, guidance)
         variant = parse_recipe(recipe)
         flag = self.jobs.start(request, self.TAB)
-        kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
-
-        def call(pipe, desc):
-            return lambda: pipe(**kwargs, generator=torch.Generator().manual_seed(seed),
-                                callback_on_step_end=step_callback(flag, progress, desc)).images
+        same = SameSeed(prompt, seed, steps, guidance, flag, progress)
 
         with self.models.worker() as pipe:
-            base, base_images = time_call(pipe, call(pipe, "baseline"))
+            base, base_images = time_call(pipe, same.call(pipe, "baseline"))
             progress(None, desc=f"applying {variant.name}")
             # prepare() may run a calibration call (feature inheritance's calibrated schedule): same prompt and seed
-            handles = apply_recipe(pipe, variant, {**kwargs, "generator": torch.Generator().manual_seed(seed)})
+            handles = apply_recipe(pipe, variant, same.kwargs("calibrating"))
             try:
-                fast, fast_images = time_call(pipe, call(pipe, "accelerated"), handles)
+                fast, fast_images = time_call(pipe, same.call(pipe, "accelerated"), handles)
             finally:
                 remove_recipe(handles)
         faith = faithfulness(uint8_pixels(fast_images), uint8_pixels(base_images))

@@ -19,6 +19,7 @@ import torch
 
 from .common import (
     DemoModels,
+    SameSeed,
     Tab,
     check_generation,
     check_number,
@@ -26,7 +27,6 @@ from .common import (
     fmt_seconds,
     prompt_box,
     sampling_inputs,
-    step_callback,
     to_pil,
     uint8_pixels,
     user_errors,
@@ -133,19 +133,15 @@ class AssembleTab(Tab):
         progress(None, desc="loading the student")
         student_unet = load_student(self.models, student)
         flag = self.jobs.start(request, self.TAB)
-        kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
-
-        def call(pipe, desc):
-            return lambda: pipe(**kwargs, generator=torch.Generator().manual_seed(seed),
-                                callback_on_step_end=step_callback(flag, progress, desc)).images
+        same = SameSeed(prompt, seed, steps, guidance, flag, progress)
 
         with self.models.worker() as pipe:
-            teacher, teacher_images = time_call(pipe, call(pipe, "teacher"))
+            teacher, teacher_images = time_call(pipe, same.call(pipe, "teacher"))
             small = student_pipeline(pipe, student_unet)
-            solo, student_images = time_call(small, call(small, "student"))
+            solo, student_images = time_call(small, same.call(small, "student"))
             handle = accelerate(pipe, "multi_unet", student=student_unet, switch_at=switch_at)
             try:
-                multi, multi_images = time_call(pipe, call(pipe, "multi-UNet"))
+                multi, multi_images = time_call(pipe, same.call(pipe, "multi-UNet"))
                 counts = handle.stats
             finally:
                 handle.remove()

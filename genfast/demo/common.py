@@ -130,6 +130,23 @@ def step_callback(flag: threading.Event | None, progress=None, desc: str = "deno
     return callback
 
 
+class SameSeed:
+    """One job's text-to-image call, repeatable on any pipeline: the same prompt, settings and seed (a fresh CPU
+    generator each time), with the job's cancel flag and progress bar on every denoising step."""
+
+    def __init__(self, prompt: str, seed: int, steps: int, guidance: float, flag=None, progress=None):
+        self.seed, self.flag, self.progress = seed, flag, progress
+        self.settings = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
+
+    def kwargs(self, desc: str) -> dict:
+        return dict(self.settings, generator=torch.Generator().manual_seed(self.seed),
+                    callback_on_step_end=step_callback(self.flag, self.progress, desc))
+
+    def call(self, pipe, desc: str):
+        """A no-argument call of `pipe` (for eval.cost.time_call) returning its images (N, 3, H, W) in [0, 1]."""
+        return lambda: pipe(**self.kwargs(desc)).images
+
+
 # ---------------------------------------------------------------- tabs
 
 DEFAULT_PROMPT = "a red circle on a blue background"

@@ -23,6 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .common import (
+    SameSeed,
     Tab,
     check_generation,
     demo_dir,
@@ -30,7 +31,6 @@ from .common import (
     fmt_seconds,
     prompt_box,
     sampling_inputs,
-    step_callback,
     to_pil,
     uint8_pixels,
     user_errors,
@@ -189,11 +189,7 @@ class QuantizeTab(Tab):
         prompt, seed, steps, guidance = check_generation(prompt, seed, steps, guidance)
         config = quant_config(weights, granularity, activations)  # ValueErrors name the option
         flag = self.jobs.start(request, self.TAB)
-        kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
-
-        def call(pipe, desc):
-            return lambda: pipe(**kwargs, generator=torch.Generator().manual_seed(seed),
-                                callback_on_step_end=step_callback(flag, progress, desc)).images
+        same = SameSeed(prompt, seed, steps, guidance, flag, progress)
 
         with self.models.worker() as pipe:
             denoiser = denoiser_of(pipe)
@@ -201,7 +197,7 @@ class QuantizeTab(Tab):
                 raise gr.Error("The demo's pipeline is quantized already (loaded from a quantized folder): start "
                                "`genfast demo --pipeline` on a float pipeline to compare formats.")
             float_dtype = str(denoiser.dtype).removeprefix("torch.")
-            base, base_images = time_call(pipe, call(pipe, f"{float_dtype} baseline"))
+            base, base_images = time_call(pipe, same.call(pipe, f"{float_dtype} baseline"))
             float_sizes = self.models.shared("quantize:checkpoint:float", lambda: float_checkpoint_bytes(denoiser))
             params = sum(p.numel() for p in denoiser.parameters())
             progress(None, desc=f"quantizing to {config.weights}")
@@ -209,11 +205,9 @@ class QuantizeTab(Tab):
             try:
                 calibration_s = None
                 if config.activations is not None:  # activation scales from one call with the same prompt and seed
-                    calibration, _ = time_call(pipe, lambda: handle.prepare(
-                        **kwargs, generator=torch.Generator().manual_seed(seed),
-                        callback_on_step_end=step_callback(flag, progress, "calibrating activations")))
+                    calibration, _ = time_call(pipe, lambda: handle.prepare(**same.kwargs("calibrating activations")))
                     calibration_s = calibration.call_s
-                quant, quant_images = time_call(pipe, call(pipe, f"{config.weights}"))
+                quant, quant_images = time_call(pipe, same.call(pipe, f"{config.weights}"))
                 packed = weight_numbers(handle, params)
             finally:
                 handle.remove()
