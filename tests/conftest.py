@@ -17,6 +17,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def mini_reference():
+    """genfast-mini loaded plainly, outside the demo: what the demo's images are compared with."""
+    from genfast.models import load_mini
+
+    pipe = load_mini()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def demo_server():
     """The whole `genfast demo` app on the embedded models, served on 127.0.0.1 for the session:

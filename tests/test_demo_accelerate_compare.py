@@ -19,15 +19,6 @@ def models():
     return DemoModels(workers=2)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    from genfast.models import load_mini
-
-    pipe = load_mini()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _unet_state(models):
     with models.worker() as a, models.worker() as b:
         return [{k: v.clone() for k, v in p.unet.state_dict().items()} for p in (a, b)], [a, b]
@@ -41,11 +32,11 @@ def _assert_workers_clean(models, before):
         assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks
 
 
-def test_accelerate_images_and_numbers_match_genfast_outside_the_demo(models, reference):
+def test_accelerate_images_and_numbers_match_genfast_outside_the_demo(models, mini_reference):
     tab = AccelerateTab(models, Jobs())
     base, fast, slider, table, numbers = tab.run(PROMPT, 3, 12, 5.0, "feature_inheritance:interval=3")
-    assert (shrink(base) == direct(reference, PROMPT, 3, 12, 5.0)).all()
-    fi = direct(reference, PROMPT, 3, 12, 5.0, [("feature_inheritance", {"interval": 3})])
+    assert (shrink(base) == direct(mini_reference, PROMPT, 3, 12, 5.0)).all()
+    fi = direct(mini_reference, PROMPT, 3, 12, 5.0, [("feature_inheritance", {"interval": 3})])
     assert (shrink(fast) == fi).all()
     assert slider[0] is base and slider[1] is fast
     # uniform interval 3 over 12 calls: steps 0, 3, 6, 9 run in full
@@ -54,19 +45,19 @@ def test_accelerate_images_and_numbers_match_genfast_outside_the_demo(models, re
     from genfast.eval.faithfulness import faithfulness
 
     as_t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
-    expected = faithfulness(as_t(fi), as_t(direct(reference, PROMPT, 3, 12, 5.0)))
+    expected = faithfulness(as_t(fi), as_t(direct(mini_reference, PROMPT, 3, 12, 5.0)))
     assert numbers["psnr"] == pytest.approx(expected["psnr"], abs=1e-4)
     assert numbers["ssim"] == pytest.approx(expected["ssim"], abs=1e-4)
     assert numbers["speedup"] == pytest.approx(numbers["baseline"]["latency_s"] / numbers["accelerated"]["latency_s"])
     assert "PSNR" in table and "full / all" in table
 
 
-def test_accelerate_runs_a_chain_and_leaves_the_worker_as_it_was(models, reference):
+def test_accelerate_runs_a_chain_and_leaves_the_worker_as_it_was(models, mini_reference):
     before, _ = _unet_state(models)
     tab = AccelerateTab(models, Jobs())
     _, fast, _, _, numbers = tab.run(PROMPT, 1, 6, 5.0, "quantize:weights=int8+feature_inheritance:interval=2")
     assert numbers["recipe"] == "quantize(weights=int8) + feature_inheritance(interval=2)"
-    assert (shrink(fast) == direct(reference, PROMPT, 1, 6, 5.0, [("quantize", {"weights": "int8"}),
+    assert (shrink(fast) == direct(mini_reference, PROMPT, 1, 6, 5.0, [("quantize", {"weights": "int8"}),
                                                                   ("feature_inheritance", {"interval": 2})])).all()
     _assert_workers_clean(models, before)
 
@@ -106,7 +97,7 @@ def test_cancel_stops_the_job_within_a_step_and_frees_a_clean_worker(models):
     _assert_workers_clean(models, before)
 
 
-def test_concurrent_jobs_each_get_their_own_worker_and_correct_images(models, reference):
+def test_concurrent_jobs_each_get_their_own_worker_and_correct_images(models, mini_reference):
     tab = AccelerateTab(models, Jobs())
     results, errors = {}, []
 
@@ -123,8 +114,8 @@ def test_concurrent_jobs_each_get_their_own_worker_and_correct_images(models, re
         t.join()
     assert not errors
     for seed, (base, fast, *_) in results.items():
-        assert (shrink(base) == direct(reference, PROMPT, seed, 8, 5.0)).all()
-        assert (shrink(fast) == direct(reference, PROMPT, seed, 8, 5.0,
+        assert (shrink(base) == direct(mini_reference, PROMPT, seed, 8, 5.0)).all()
+        assert (shrink(fast) == direct(mini_reference, PROMPT, seed, 8, 5.0,
                                        [("feature_inheritance", {"interval": 2})])).all()
 
 
@@ -159,3 +150,24 @@ def test_compare_cancel_stops_the_run(models, monkeypatch):
     monkeypatch.setattr(jobs, "start", lambda request, tab: pressed)
     with pytest.raises(gr.Error, match="Cancelled"):
         CompareTab(models, jobs).run("feature_inheritance", 2, 6, 5.0)
+
+
+def test_cancel_reaches_the_calibration_call(models):
+    before, _ = _unet_state(models)
+    tab = AccelerateTab(models, Jobs())
+
+    def progress(value=None, desc=None):  # Cancel pressed during feature inheritance's calibration call
+        if desc == "calibrating":
+            tab.cancel()
+
+    with pytest.raises(gr.Error, match="Cancelled"):
+        tab.run(PROMPT, 0, 30, 5.0, "feature_inheritance:schedule=calibrated", progress=progress)
+    _assert_workers_clean(models, before)
+
+
+def test_cancel_stops_every_job_of_its_session_and_tab_only(models):
+    jobs = Jobs()
+    first, second = jobs.start(None, "accelerate"), jobs.start(None, "accelerate")
+    other_tab = jobs.start(None, "quantize")
+    jobs.cancel(None, "accelerate")
+    assert first.is_set() and second.is_set() and not other_tab.is_set()

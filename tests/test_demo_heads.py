@@ -33,6 +33,9 @@ def own_demo_dir(tmp_path, monkeypatch):
     """demo_dir() inside this test's tmp_path: what a job leaves behind is this test's to see."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
+    demo_dir.cache_clear()  # the process's folder is made once: here, once per test, under tmp_path
+    yield
+    demo_dir.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,13 @@ def test_embedded_identity_gives_orbit_strip_and_an_adapter_that_loads_back(tab,
     G, ws, names, cams = load_personalized(copy.deepcopy(prior), tmp_path / "unzipped" / "adapter")
     assert names == numbers["photo_names"]
     job = demo_dir() / archive.split("/")[-2]
-    _, photos = load_photos(job / "photos", resolution=prior.img_resolution)
+    assert sorted(p.name for p in job.iterdir()) == sorted(  # the person's photos are not kept
+        [Path(archive).name, Path(video).name, "interpolation.png"])
+    views = tmp_path / "views"
+    views.mkdir()
+    for i, view in enumerate(H._identity_views(0)[0]):
+        Image.fromarray(view).save(views / f"{i:02d}.png")
+    _, photos = load_photos(views, resolution=prior.img_resolution)
     measured = faithfulness(H._render(G, ws, cams), photos)["psnr"]
     assert measured == pytest.approx(numbers["reconstruction"]["personalized"]["psnr"], abs=1e-4)
     # the job trained a copy: the shared prior has no adapters, and every job got its own folder

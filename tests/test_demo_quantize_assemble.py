@@ -264,8 +264,9 @@ def test_a_cancelled_multi_unet_call_leaves_the_teacher_unhooked(assemble_tab, m
 def test_the_student_is_loaded_once_and_shared(assemble_tab, models):
     from genfast.demo.assemble_tab import load_student
 
-    assert load_student(models, STUDENT) is load_student(models, STUDENT + "/")
-    assert handles_on(load_student(models, STUDENT)) == {}  # multi_unet claims only the teacher
+    with models.worker() as pipe:
+        assert load_student(models, STUDENT, pipe) is load_student(models, STUDENT + "/", pipe)
+        assert handles_on(load_student(models, STUDENT, pipe)) == {}  # multi_unet claims only the teacher
 
 
 def unloadable(tmp_path):

@@ -69,12 +69,13 @@ def parse_recipe(recipe):
 
 def numbers_table(numbers: dict) -> str:
     b, f = numbers["baseline"], numbers["accelerated"]
+    loop = "n/a" if numbers["loop_speedup"] is None else f"{numbers['loop_speedup']:.2f}x"
     return "\n".join([
         "| | baseline | accelerated |",
         "|---|---|---|",
         f"| latency | {fmt_seconds(b['latency_s'])} | {fmt_seconds(f['latency_s'])} |",
         f"| denoiser calls full / all | {b['full_calls']} / {b['calls']} | {f['full_calls']} / {f['calls']} |",
-        f"| speed-up (call / denoising loop) | | {numbers['speedup']:.2f}x / {numbers['loop_speedup']:.2f}x |",
+        f"| speed-up (call / denoising loop) | | {numbers['speedup']:.2f}x / {loop} |",
         f"| PSNR / SSIM to the baseline | | {numbers['psnr']:.1f} dB / {numbers['ssim']:.3f} |",
     ])
 
@@ -112,7 +113,7 @@ class AccelerateTab(Tab):
             "accelerated": {"latency_s": fast.call_s, "loop_s": fast.loop_s, "calls": fast.denoiser_calls,
                             "full_calls": fast.full_denoiser_calls},
             "speedup": base.call_s / fast.call_s,
-            "loop_speedup": base.loop_s / fast.loop_s if fast.loop_s else float("nan"),
+            "loop_speedup": base.loop_s / fast.loop_s if fast.loop_s else None,
             **faith,
         }
         a, b = enlarge(to_pil(base_images[0])), enlarge(to_pil(fast_images[0]))

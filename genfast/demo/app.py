@@ -32,7 +32,7 @@ CSS = "img { image-rendering: pixelated; }"  # genfast-mini's 64x64 images, enla
 
 def build_app(models: DemoModels) -> gr.Blocks:
     jobs = Jobs()
-    with gr.Blocks(title="genfast demo") as app:
+    with gr.Blocks(title="genfast demo", analytics_enabled=False) as app:  # offline first: no telemetry
         gr.Markdown(INTRO, elem_id="intro")
         with gr.Tabs():
             for label, tab_class in TABS:

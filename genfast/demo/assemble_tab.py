@@ -50,9 +50,10 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def load_student(models: DemoModels, folder) -> torch.nn.Module:
-    """The student UNet in `folder`, loaded once per process and checked against the teacher; a gr.Error
-    naming the folder when it does not load or cannot take the teacher's calls."""
+def load_student(models: DemoModels, folder, pipe) -> torch.nn.Module:
+    """The student UNet in `folder`, loaded once per process and checked against the teacher of `pipe` (a worker
+    the caller holds: no other job changes it meanwhile); a gr.Error naming the folder when it does not load or
+    cannot take the teacher's calls."""
     from ..assembly.student import load_student as load
     from ..methods.multi_unet import check_compatible
 
@@ -62,9 +63,9 @@ def load_student(models: DemoModels, folder) -> torch.nn.Module:
     path = Path(folder.strip()).expanduser().resolve()
     if not path.is_dir():
         raise gr.Error(f"Student folder {folder.strip()!r} does not exist: give a UNet folder or a pipeline folder.")
-    teacher = models.base.unet if hasattr(models.base, "unet") else None
+    teacher = getattr(pipe, "unet", None)
     if not isinstance(teacher, torch.nn.Module):
-        raise gr.Error(f"The Assemble tab needs a UNet pipeline; the demo runs a {type(models.base).__name__}.")
+        raise gr.Error(f"The Assemble tab needs a UNet pipeline; the demo runs a {type(pipe).__name__}.")
 
     def build():
         try:
@@ -72,7 +73,7 @@ def load_student(models: DemoModels, folder) -> torch.nn.Module:
         except Exception as err:  # noqa: BLE001 -- a user's folder fails in many ways, each the folder's problem
             raise gr.Error(f"Student folder {str(path)!r} does not load as a UNet: {err}") from None
         try:
-            check_compatible(teacher, student, models.base)
+            check_compatible(teacher, student, pipe)
         except ValueError as err:
             raise gr.Error(f"Student folder {str(path)!r} does not fit the demo's pipeline: {err}") from None
         return student
@@ -130,12 +131,12 @@ class AssembleTab(Tab):
 
         prompt, seed, steps, guidance = check_generation(prompt, seed, steps, guidance)
         switch_at = check_switch(switch_at, steps)
-        progress(None, desc="loading the student")
-        student_unet = load_student(self.models, student)
         flag = self.jobs.start(request, self.TAB)
         same = SameSeed(prompt, seed, steps, guidance, flag, progress)
 
         with self.models.worker() as pipe:
+            progress(None, desc="loading the student")
+            student_unet = load_student(self.models, student, pipe)
             teacher, teacher_images = time_call(pipe, same.call(pipe, "teacher"))
             small = student_pipeline(pipe, student_unet)
             solo, student_images = time_call(small, same.call(small, "student"))

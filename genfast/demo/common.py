@@ -18,6 +18,7 @@ import copy
 import functools
 import queue
 import threading
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,10 +89,11 @@ def user_errors(fn):
 
 
 class Jobs:
-    """One cancel flag per (browser session, tab): the Cancel button sets it, the running job reads it."""
+    """Cancel flags per (browser session, tab): the Cancel button sets every flag of its session and tab, each
+    running job reads its own. Flags are held weakly: a finished job's flag goes with the job."""
 
     def __init__(self):
-        self._flags: dict[tuple[str, str], threading.Event] = {}
+        self._flags: dict[tuple[str, str], weakref.WeakSet] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -102,13 +104,14 @@ class Jobs:
         """A fresh, unset flag for a job that starts now (a press before it started does not count)."""
         flag = threading.Event()
         with self._lock:
-            self._flags[self._key(request, tab)] = flag
+            self._flags = {k: v for k, v in self._flags.items() if v}  # sessions with no running job
+            self._flags.setdefault(self._key(request, tab), weakref.WeakSet()).add(flag)
         return flag
 
     def cancel(self, request: gr.Request | None, tab: str) -> None:
         with self._lock:
-            flag = self._flags.get(self._key(request, tab))
-        if flag is not None:
+            flags = list(self._flags.get(self._key(request, tab), ()))
+        for flag in flags:
             flag.set()
 
     @staticmethod
@@ -219,7 +222,11 @@ def _worker_copy(pipe):
     """A worker: its own copy of the denoiser and its own scheduler (it keeps per-call state), the rest shared."""
     from ..pipelines import denoiser_of
 
-    return with_denoiser(pipe, copy.deepcopy(denoiser_of(pipe)),
+    denoiser = denoiser_of(pipe)
+    # the denoiser may carry a genfast record (a quantized folder's handle) that points at the pipeline: the
+    # copy keeps pointing at the same pipeline and components instead of copying all of them
+    keep = {id(pipe): pipe, **{id(c): c for c in pipe.components.values() if c is not denoiser}}
+    return with_denoiser(pipe, copy.deepcopy(denoiser, memo=keep),
                          type(pipe.scheduler).from_config(pipe.scheduler.config))
 
 
@@ -246,6 +253,7 @@ class DemoModels:
         for i in range(workers):
             self._pool.put(base if i == 0 else _worker_copy(base))
         self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
         self._cache: dict[str, object] = {}
 
     def warm_up(self) -> None:
@@ -269,8 +277,12 @@ class DemoModels:
             self._pool.put(pipe)
 
     def shared(self, key: str, load):
-        """`load()` once per key (thread-safe): the evaluator, the assembled student, the heads prior ..."""
+        """`load()` once per key (thread-safe): the evaluator, the assembled student, the heads prior ...
+
+        One lock per key: a slow load (a checkpoint written to measure its size) holds up only its own key."""
         with self._lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
             if key not in self._cache:
                 self._cache[key] = load()
             return self._cache[key]
@@ -315,10 +327,10 @@ def fmt_seconds(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
+@functools.cache
 def demo_dir() -> Path:
-    """Where the demo writes files it offers for download (Gradio serves them from its cache)."""
+    """Where the demo writes files it offers for download (Gradio serves them from its cache): a folder of this
+    process's own, made private by mkdtemp (a fixed name in /tmp could be another user's)."""
     import tempfile
 
-    path = Path(tempfile.gettempdir()) / "genfast-demo"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(tempfile.mkdtemp(prefix="genfast-demo-"))

@@ -8,6 +8,7 @@ comparison's own progress bars; Cancel stops it at the next denoising step.
 from __future__ import annotations
 
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -64,7 +65,11 @@ class CompareTab(Tab):
         settings = CompareSettings(pipeline=self.models.pipeline_path, num_images=num_images, steps=steps,
                                    guidance=guidance, batch_size=num_images, runs=1, out=str(out), command=command,
                                    step_callback=step_callback(flag))
-        report = run_compare(settings, variants)
+        try:
+            report = run_compare(settings, variants)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # a failed or cancelled run leaves no half-written report
+            raise
         table = report_table((out / "report.md").read_text())
         return table, str(out / "pareto.png"), str(out / "grid.png"), report
 

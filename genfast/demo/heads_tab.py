@@ -252,6 +252,9 @@ class HeadsTab(Tab):
         strip = _strip(G, ws)
         strip.save(job / "interpolation.png")
         archive = Path(shutil.make_archive(str(job / "heads-adapter"), "zip", root_dir=job, base_dir=adapter.name))
+        # the person's photos and the unzipped adapter are no longer needed: keep only what the page offers
+        shutil.rmtree(folder)
+        shutil.rmtree(adapter)
         trained, total = summary["trainable_parameters"], summary["generator_parameters"]
         numbers = {
             "photos": len(names), "photo_names": names, "source": source,

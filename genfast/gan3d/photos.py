@@ -10,6 +10,9 @@ import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# the decoders Pillow may use: whatever a file's bytes claim, never a format that hands it to another program
+# (EPS goes to Ghostscript)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
 MIN_PHOTOS = 3
 # Memory does not grow with the count (photos are fitted and trained a batch at a time; bench/my3dgen_memory.py),
 # time does: every training step renders every photo. My3DGen asks for ~10 to ~50.
@@ -72,9 +75,11 @@ def load_photo(path: str | os.PathLike, resolution: int = 64) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"photo {path} does not exist")
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             im.load()
             image = np.asarray(_square(_rgb(im), resolution), dtype=np.float32) / 255
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"photo {path} is too large to open ({err}); resize it to a few megapixels") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"cannot read photo {path}: {err}. Remove it or replace it with a PNG/JPEG") from err
     return torch.from_numpy(image).permute(2, 0, 1).contiguous()
