@@ -171,3 +171,22 @@ def test_cancel_stops_every_job_of_its_session_and_tab_only(models):
     other_tab = jobs.start(None, "quantize")
     jobs.cancel(None, "accelerate")
     assert first.is_set() and second.is_set() and not other_tab.is_set()
+
+
+def test_workers_of_a_quantized_folder_share_all_but_their_denoiser(tmp_path, mini_reference):
+    import genfast
+    from genfast.api import handles_on
+
+    handle = genfast.quantize(mini_reference, genfast.QuantConfig(weights="int8"))
+    try:
+        genfast.save_quantized(mini_reference, tmp_path / "q8")
+    finally:
+        handle.remove()
+    models = DemoModels(str(tmp_path / "q8"), workers=2)
+    with models.worker() as a, models.worker() as b:
+        assert a.unet is not b.unet
+        for name in ("text_encoder", "vae", "tokenizer"):
+            assert getattr(a, name) is getattr(b, name)
+        for pipe in (a, b):  # each copy's record describes its own denoiser and points at no copied pipeline
+            record = handles_on(pipe.unet)["quantize"]
+            assert record.target in (a, b) and record.model is pipe.unet
