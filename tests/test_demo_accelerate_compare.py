@@ -173,16 +173,24 @@ def test_cancel_stops_every_job_of_its_session_and_tab_only(models):
     assert first.is_set() and second.is_set() and not other_tab.is_set()
 
 
-def test_workers_of_a_quantized_folder_share_all_but_their_denoiser(tmp_path, mini_reference):
+@pytest.fixture(scope="module")
+def int8_folder(tmp_path_factory, mini_reference):
+    """genfast-mini saved int8-quantized: a --pipeline folder that loads with quantize already on its denoiser."""
     import genfast
-    from genfast.api import handles_on
 
+    folder = tmp_path_factory.mktemp("q8") / "pipe"
     handle = genfast.quantize(mini_reference, genfast.QuantConfig(weights="int8"))
     try:
-        genfast.save_quantized(mini_reference, tmp_path / "q8")
+        genfast.save_quantized(mini_reference, folder)
     finally:
         handle.remove()
-    models = DemoModels(str(tmp_path / "q8"), workers=2)
+    return str(folder)
+
+
+def test_workers_of_a_quantized_folder_share_all_but_their_denoiser(int8_folder):
+    from genfast.api import handles_on
+
+    models = DemoModels(int8_folder, workers=2)
     with models.worker() as a, models.worker() as b:
         assert a.unet is not b.unet
         for name in ("text_encoder", "vae", "tokenizer"):
@@ -190,3 +198,9 @@ def test_workers_of_a_quantized_folder_share_all_but_their_denoiser(tmp_path, mi
         for pipe in (a, b):  # each copy's record describes its own denoiser and points at no copied pipeline
             record = handles_on(pipe.unet)["quantize"]
             assert record.target in (a, b) and record.model is pipe.unet
+
+
+def test_a_method_already_on_the_pipeline_is_refused_by_name(int8_folder):
+    tab = AccelerateTab(DemoModels(int8_folder, workers=1), Jobs())
+    with pytest.raises(gr.Error, match="already has quantize on its denoiser"):
+        tab.run(PROMPT, 0, 4, 5.0, "quantize:weights=int4")

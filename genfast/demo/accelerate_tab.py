@@ -86,9 +86,11 @@ class AccelerateTab(Tab):
     @user_errors
     def run(self, prompt, seed, steps, guidance, recipe, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008 -- Gradio injects its tracker there
         """(baseline image, accelerated image, (baseline, accelerated) for the slider, numbers markdown, numbers)."""
+        from ..api import handles_on
         from ..eval.compare import apply_recipe, remove_recipe
         from ..eval.cost import time_call
         from ..eval.faithfulness import faithfulness
+        from ..pipelines import denoiser_of
 
         prompt, seed, steps, guidance = check_generation(prompt, seed, steps, guidance)
         variant = parse_recipe(recipe)
@@ -96,6 +98,10 @@ class AccelerateTab(Tab):
         same = SameSeed(prompt, seed, steps, guidance, flag, progress)
 
         with self.models.worker() as pipe:
+            on = set(handles_on(denoiser_of(pipe))) & {step.method for step in variant.steps}
+            if on:  # a pipeline folder loaded quantized, say: the method cannot go on twice
+                raise gr.Error(f"The demo's pipeline already has {', '.join(sorted(on))} on its denoiser (it was "
+                               f"loaded that way): take it out of the recipe.")
             base, base_images = time_call(pipe, same.call(pipe, "baseline"))
             progress(None, desc=f"applying {variant.name}")
             # prepare() may run a calibration call (feature inheritance's calibrated schedule): same prompt and seed
@@ -136,7 +142,5 @@ class AccelerateTab(Tab):
                     base = gr.Image(label="Baseline", elem_id=f"{t}-baseline", format="png", buttons=["download"])
                     fast = gr.Image(label="Accelerated", elem_id=f"{t}-accelerated", format="png", buttons=["download"])
                 slider = gr.ImageSlider(label="Before / after", elem_id=f"{t}-slider", format="png")
-                table = gr.Markdown(elem_id=f"{t}-numbers")
-                with gr.Accordion("raw numbers", open=False):
-                    raw = gr.JSON(elem_id=f"{t}-json")
+                table, raw = self.numbers()
         self.wire(run, stop, [prompt, seed, steps, guidance, recipe], [base, fast, slider, table, raw])

@@ -183,7 +183,5 @@ class AssembleTab(Tab):
                     small = gr.Image(label="Student", elem_id=f"{t}-student-image", format="png",
                                      buttons=["download"])
                     multi = gr.Image(label="Multi-UNet", elem_id=f"{t}-multi", format="png", buttons=["download"])
-                table = gr.Markdown(elem_id=f"{t}-numbers")
-                with gr.Accordion("raw numbers", open=False):
-                    raw = gr.JSON(elem_id=f"{t}-json")
+                table, raw = self.numbers()
         self.wire(run, stop, [prompt, seed, steps, guidance, switch_at, student], [teacher, small, multi, table, raw])

@@ -172,6 +172,13 @@ class Tab:
             return (gr.Button(label, variant="primary", elem_id=f"{self.TAB}-run"),
                     gr.Button("Cancel", elem_id=f"{self.TAB}-cancel"))
 
+    def numbers(self, label: str = "raw numbers") -> tuple[gr.Markdown, gr.JSON]:
+        """The numbers as a table for people and, folded away, as JSON (what gradio_client callers read)."""
+        table = gr.Markdown(elem_id=f"{self.TAB}-numbers")
+        with gr.Accordion(label, open=False):
+            raw = gr.JSON(elem_id=f"{self.TAB}-json")
+        return table, raw
+
     def wire(self, run: gr.Button, stop: gr.Button, inputs: list, outputs: list, concurrency_id: str = "pipelines",
              concurrency_limit: int | None = None) -> None:
         """Run -> self.run (API name TAB) in the queue; Cancel -> the job's flag and Gradio's own cancel.

@@ -88,10 +88,8 @@ class CompareTab(Tab):
                 run, stop = self.buttons("Compare")
             with gr.Column(scale=2):
                 pareto = gr.Image(label="Speed-up against quality", elem_id=f"{t}-pareto", format="png", buttons=["download"])
-        table = gr.Markdown(elem_id=f"{t}-numbers")
+        table, raw = self.numbers("raw numbers (report.json)")
         grid = gr.Image(label="Baseline and variants, same prompts and seeds", elem_id=f"{t}-grid", format="png")
-        with gr.Accordion("raw numbers (report.json)", open=False):
-            raw = gr.JSON(elem_id=f"{t}-json")
         # its own limit: a comparison loads its own pipeline and judges, so it takes no worker
         self.wire(run, stop, [recipes, num_images, steps, guidance], [table, pareto, grid, raw],
                   concurrency_id=t, concurrency_limit=1)

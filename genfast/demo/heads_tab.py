@@ -294,9 +294,7 @@ class HeadsTab(Tab):
                                  format="png", buttons=["download"])
                 adapter = gr.File(label="Adapter (zip; `genfast interpolate --adapter` takes the folder)",
                                   elem_id=f"{t}-adapter")
-                table = gr.Markdown(elem_id=f"{t}-numbers")
-                with gr.Accordion("raw numbers", open=False):
-                    raw = gr.JSON(elem_id=f"{t}-json")
+                table, raw = self.numbers()
         # CPU-bound training: one job at a time, and it takes no worker pipeline
         self.wire(run, stop, [photos, identity, steps, invert_steps, camera_steps, symmetry],
                   [video, strip, adapter, table, raw, crops], concurrency_id=t, concurrency_limit=1)

@@ -263,8 +263,6 @@ class QuantizeTab(Tab):
             with gr.Column(scale=2):
                 slider = gr.ImageSlider(label="float / quantized", elem_id=f"{t}-slider", format="png",
                                         type="pil", buttons=["download"])
-                table = gr.Markdown(elem_id=f"{t}-numbers")
-                with gr.Accordion("raw numbers", open=False):
-                    raw = gr.JSON(elem_id=f"{t}-json")
+                table, raw = self.numbers()
         weights.change(self.granularity_for, weights, granularity, queue=False, api_visibility="private")
         self.wire(run, stop, [prompt, seed, steps, guidance, weights, granularity, activations], [slider, table, raw])
