@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..gan3d.photos import MIN_PHOTOS  # as `genfast personalize`
 from .common import (
     Jobs,
     Tab,
@@ -39,9 +40,8 @@ IDENTITY_SEED = 1  # seed 1 heads were never seen by the embedded prior (trained
 IDENTITIES = tuple(f"synthetic head {i}" for i in range(5))
 NO_IDENTITY = "none"
 VIEWS, VIEW_SIZE, VIEW_YAW_MAX = 10, 256, 0.8  # as `genfast head-photos` renders them
-MIN_PHOTOS = 3  # as `genfast personalize` (genfast.gan3d.photos.MIN_PHOTOS)
 MAX_PHOTOS = 20  # every training step renders every photo: more belong to `genfast personalize --photos`
-# (low, high, default): the defaults make a run of about a minute on a 2-core CPU (see the module's report)
+# (low, high, default): the defaults make a run of about 40 s on a 2-core CPU (README, "Demo")
 STEPS = (1, 300, 20)  # adapter training (the CLI's default is 300)
 INVERT_STEPS = (1, 300, 10)  # latent inversion (CLI: 150)
 CAMERA_STEPS = (1, 100, 5)  # camera fitting (CLI: 40)
