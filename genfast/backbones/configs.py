@@ -1,0 +1,102 @@
+"""Named LaMamba-Diff sizes, and the parameter / FLOP counts the benchmarks compare.
+
+Only XL is published (`configs/LaMamba-DIff-XL.yaml` + `--num-heads 16` in the official repo):
+dims 320/640/1280/1280, depths 2/2/2/2, a 2-block bottleneck, 16 heads, window 8, d_state 1,
+ssm_ratio 2, dt_rank ceil(dim / 16), 1000 classes, 32x32x4 latents (256^2 images, SD VAE), learned
+sigma. S, B and L are genfast's choices (see `lamamba_config`), as is "mini".
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+_XL = dict(
+    sample_size=32, in_channels=4, out_channels=8, num_classes=1000, patch_size=1,
+    dims=[320, 640, 1280, 1280], depths=[2, 2, 2, 2], bottleneck_depth=2, num_heads=16,
+    window_size=8, mlp_ratio=4.0, d_state=1, ssm_ratio=2.0, dt_rank="auto",
+)
+
+
+def _widths(base: int) -> list[int]:
+    return [base, 2 * base, 4 * base, 4 * base]
+
+
+CONFIGS = {
+    "XL": _XL,
+    # S/B/L: the official layout with the first width (and DiT's head counts) chosen so that
+    # the parameter count sits close to DiT-S/B/L's (33M / 130M / 458M), the "comparable
+    # parameters" of the paper's comparison.
+    "S": {**_XL, "dims": _widths(72), "num_heads": 6},
+    "B": {**_XL, "dims": _widths(144), "num_heads": 12},
+    "L": {**_XL, "dims": _widths(272), "num_heads": 16},
+    # mini: genfast's 64x64 images through genfast-mini's VAE (16x16x4 latents), the 24 shape x
+    # colour classes of genfast.data.shapes; small enough to train on a CPU.
+    "mini": {
+        **_XL, "sample_size": 16, "num_classes": 24, "dims": [32, 64, 64, 64], "num_heads": [2, 4, 4, 4],
+    },
+}
+
+
+def lamamba_config(name: str) -> dict:
+    """Keyword arguments for `LaMambaDiffModel(**config)` of a named size: "S", "B", "L", "XL", "mini".
+
+    XL is the official configuration. The rest are genfast's choices, documented here because the
+    paper's S/B/L widths were not found in any reachable source:
+
+    - S / B / L: the official 4-stage layout (depths 2/2/2/2, 2-block bottleneck, window 8,
+      d_state 1, widths w/2w/4w/4w) with w = 72 / 144 / 272 and 6 / 12 / 16 heads, giving about
+      33M / 132M / 471M parameters against DiT-S/B/L's 33M / 130M / 458M. (A third-party
+      re-implementation, "medgen", used w = 128 / 192 / 256 with 4 / 8 / 16 heads instead; with this
+      layout those are about 104M / 235M / 417M: pass your own dims for them.)
+    - mini: 16x16x4 latents (64x64 images through genfast-mini's 4x VAE), 24 classes
+      (genfast.data.shapes: 4 shapes x 6 colours), widths 32/64/64/64 with 2/4/4/4 heads (16 channels
+      per head), the rest as XL (all 22 blocks): about 2.4M parameters and 0.08 GFLOPs per image.
+      The width stops growing after stage 2 because the 4x4 stages hold 12 of the 22 blocks: at
+      32/64/128/128 they alone would carry 5.7M of 6.7M parameters.
+    """
+    if name not in CONFIGS:
+        raise ValueError(f"unknown LaMamba-Diff size {name!r}; choose one of {', '.join(CONFIGS)}")
+    return copy.deepcopy(CONFIGS[name])
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters (works on a model built on the meta device)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_on_meta(model_cls, **config):
+    """A model built on the meta device: shapes only, no memory, no initialisation cost."""
+    with torch.device("meta"):
+        return model_cls(**config)
+
+
+def count_flops(model: torch.nn.Module, batch: int = 1, sample_size: int | None = None) -> float:
+    """GFLOPs of one forward pass, counting a fused multiply-add as ONE flop (the fvcore
+    convention of the LaMamba-Diff and DiT papers).
+
+    torch.utils.flop_counter.FlopCounterMode counts 2 flops per multiply-add, so its total is
+    halved. It counts matmuls, convolutions and attention (linear layers, einsums, SDPA), not
+    elementwise work: norms, activations, modulation and the selective scan's own recurrence are
+    left out (fvcore counts norms and the official code adds 9*B*L*D*N for the scan; with
+    d_state 1 both are well under 1% of the total).
+
+    Works on any diffusers class-conditional denoiser with `sample_size` / `in_channels` in its
+    config (LaMambaDiffModel, DiTTransformer2DModel): a copy is rebuilt on the meta device with
+    `sample_size` (latent side; 256^2 images through the SD VAE = 32) and run there, so nothing is
+    allocated and the real model is untouched.
+    """
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    if sample_size is not None:
+        config["sample_size"] = sample_size
+    size, channels = config["sample_size"], config["in_channels"]
+    with torch.device("meta"):
+        probe = type(model).from_config(config)
+        x = torch.empty(batch, channels, size, size)
+        t = torch.zeros(batch, dtype=torch.long)
+        labels = torch.zeros(batch, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        probe(x, timestep=t, class_labels=labels)
+    return counter.get_total_flops() / 2 / 1e9
