@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_analyze import add_analyze_parser
     from .cli_assemble import add_assemble_parser
+    from .cli_class import add_train_class_parser
     from .cli_demo import add_demo_parser
     from .cli_distill import add_distill_parser
 
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_assemble_parser(sub)
     add_distill_parser(sub)
     add_demo_parser(sub)
+    add_train_class_parser(sub)
     return parser
 
 

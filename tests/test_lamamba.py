@@ -159,7 +159,7 @@ def test_forward_shapes_timesteps_and_null_class(one_thread):
 @pytest.mark.parametrize("labels", [[6, 0, 0], [-1, 0, 0], [1001, 0, 0]])
 def test_class_ids_outside_the_table_are_refused(labels):
     model, (x, t, _) = _tiny(), _inputs()
-    with pytest.raises(ValueError, match=r"0\.\.4, or 5 / 1000"):
+    with pytest.raises(ValueError, match=r"0\.\.4 \(classes\), 5 or 1000 \(the null class\)"):
         model(x, t, torch.tensor(labels))
 
 

@@ -449,18 +449,13 @@ class LaMambaDiffModel(ModelMixin, ConfigMixin):
         if class_labels is None:
             raise ValueError(f"class_labels is required (class ids 0..{k - 1}); pass {k} or "
                              f"{DIT_NULL_CLASS} for the null (unconditional) class")
-        labels = torch.as_tensor(class_labels, device=device)
-        if labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"class_labels must be integer class ids, got {labels.dtype}")
-        labels = labels.reshape(-1).expand(batch) if labels.numel() == 1 else labels.reshape(-1)
+        from ..pipelines.class_conditional import map_null_labels  # the one contract of every class denoiser
+
+        labels = map_null_labels(torch.as_tensor(class_labels, device=device), k)
+        labels = labels.expand(batch) if labels.numel() == 1 else labels
         if labels.shape[0] != batch:
             raise ValueError(f"class_labels has {labels.shape[0]} ids for a batch of {batch}")
-        if labels.device.type != "meta":
-            bad = (labels < 0) | ((labels > k) & (labels != DIT_NULL_CLASS))
-            if bad.any():
-                raise ValueError(f"class_labels must be ids 0..{k - 1}, or {k} / {DIT_NULL_CLASS} for the "
-                                 f"null class; got {sorted(set(labels[bad].tolist()))}")
-        return torch.where(labels == DIT_NULL_CLASS, k, labels)
+        return labels
 
     def _timesteps(self, timestep, batch: int, device) -> torch.Tensor:
         if timestep is None:
