@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_distill import _number
+from .cli_distill import _number, finish_run
 
 __all__ = ["add_train_class_parser", "cmd_train_class"]
 
@@ -22,8 +22,6 @@ _FIELDS = ("steps", "batch_size", "lr", "warmup", "label_dropout", "min_snr_gamm
 def cmd_train_class(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
-
-    from accelerate import PartialState
 
     from .io import check_output
     from .training.class_cond import ClassCondRecipe, build_denoiser, save_class_pipeline, train_class_conditional
@@ -41,17 +39,12 @@ def cmd_train_class(args: argparse.Namespace) -> int:
     model = build_denoiser(args.model, args.params, args.layers, seed=recipe.seed)
     t0 = time.time()
     model, finished = train_class_conditional(model, work, recipe, progress=not args.quiet)
-    state = PartialState()
-    if not finished:
-        if state.is_main_process:
-            print(f"stopped by --max-minutes; checkpoint in {work}. Run the same command again to resume.")
-        return 0
-    if state.is_main_process:  # under `accelerate launch` one process writes the folder
+    def save():
         save_class_pipeline(model, out, recipe, half=args.half,
                             extra={"model_spec": args.model, "minutes_this_run": round((time.time() - t0) / 60, 1)})
         print(f"wrote the DiTPipeline to {out} (per-step log: {work / 'train_log.jsonl'})")
-    state.wait_for_everyone()
-    return 0
+
+    return finish_run(finished, work, save)
 
 
 def add_train_class_parser(subparsers) -> argparse.ArgumentParser:

@@ -63,8 +63,6 @@ def _plan(args: argparse.Namespace, teacher_config):
 def cmd_distill(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from accelerate import PartialState
-
     from .assembly.student import build_student, load_student
     from .cli import CLIError
     from .io import check_output
@@ -94,15 +92,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
     except TypeError as err:  # a teacher of another kind: one line, not a traceback
         raise CLIError(str(err)) from None
     student, finished = run_distill(teacher, student, work, config, progress=not args.quiet)
+    def save():
+        save_distilled(teacher, student, out, config, work)
+        print(f"wrote the distilled pipeline to {out} (distill.json beside it holds the config and final losses; "
+              f"the per-step log is {work / 'distill_log.jsonl'})")
+
+    return finish_run(finished, work, save)
+
+
+def finish_run(finished: bool, work, save) -> int:
+    """The end of a training command: a run stopped by --max-minutes says how to resume; a finished one is
+    saved by `save()` on the main process only (under `accelerate launch` one process writes the folder)."""
+    from accelerate import PartialState
+
     state = PartialState()
     if not finished:
         if state.is_main_process:
             print(f"stopped by --max-minutes; checkpoint in {work}. Run the same command again to resume.")
         return 0
-    if state.is_main_process:  # under `accelerate launch` one process writes the folder
-        save_distilled(teacher, student, out, config, work)
-        print(f"wrote the distilled pipeline to {out} (distill.json beside it holds the config and final losses; "
-              f"the per-step log is {work / 'distill_log.jsonl'})")
+    if state.is_main_process:
+        save()
     state.wait_for_everyone()
     return 0
 
