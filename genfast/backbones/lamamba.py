@@ -432,7 +432,8 @@ class LaMambaDiffModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_adaLN_modulation[-1].bias)  # the final Linear stays xavier, as official
 
     def blocks(self) -> list[LaMambaBlock]:
-        """Every LaMamba block in call order: encoder, bottleneck, decoder."""
+        """Every LaMamba block in call order: encoder, bottleneck, decoder (genfast.pipelines.blocks reads
+        this list: feature inheritance treats the blocks as a transformer's)."""
         down = [b for stage in self.down_stages for b in stage.blocks]
         return down + list(self.mid_blocks) + [b for stage in self.up_stages for b in stage.blocks]
 

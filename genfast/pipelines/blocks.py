@@ -6,6 +6,15 @@ blocks take and return both the image stream (`hidden_states`) and the text stre
 (`encoder_hidden_states`), in an order that differs between models. diffusers records that
 order in its `TransformerBlockRegistry`; blocks it has not registered are looked up in a small
 table here, and a block that returns a single tensor needs no entry.
+
+A denoiser whose blocks sit in nested stages rather than in one list (LaMamba-Diff's U-Net, whose
+22 blocks live in encoder / bottleneck / decoder stages joined by added skips) lists them itself
+with a `blocks()` method, in call order; its blocks are then treated as one transformer block list.
+For feature inheritance (level="block") that means: on a partial step each reused block adds the
+residual it kept on the last full step to its fresh input, while everything between blocks (stem,
+PatchMerging / PatchExpanding, the added skips, the final layer) and the blocks outside the span
+run fresh. A span that leaves the first encoder stage and the last decoder stage out (blocks
+"2:19" on LaMamba's 22) is DeepCache's reading: shallow path fresh, the deep part inherited.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ BLOCK_LISTS = ("joint_transformer_blocks", "transformer_blocks", "single_transfo
 # (index of hidden_states, index of encoder_hidden_states) in the output of blocks diffusers has
 # not registered (diffusers 0.42); a registered class takes diffusers' own entry
 _OUTPUT_ORDER = {"AuraFlowJointTransformerBlock": (1, 0)}
+
+# the forward parameter that carries a stream, for blocks that do not call it by its diffusers name
+_STREAM_PARAMS = {"LaMambaBlock": {"hidden_states": "x"}}
 
 
 def denoiser_kind(denoiser: torch.nn.Module) -> str | None:
@@ -40,6 +52,9 @@ def transformer_blocks(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Mo
     for name, child in denoiser.named_children():
         if name in BLOCK_LISTS and isinstance(child, torch.nn.ModuleList) and len(child):
             found += [(f"{name}.{i}", block) for i, block in enumerate(child)]
+    if not found and inspect.isfunction(getattr(type(denoiser), "blocks", None)):  # the model lists its own
+        names = {id(module): name for name, module in denoiser.named_modules()}
+        found = [(names[id(block)], block) for block in denoiser.blocks()]
     return found
 
 
@@ -61,10 +76,12 @@ class BlockIO:
         self.name = type(block).__name__
         self.params = list(inspect.signature(type(block).forward).parameters)[1:]
         self.order = output_order(block)
+        aliases = _STREAM_PARAMS.get(self.name, {})
+        self.names = [aliases.get(stream, stream) for stream in self.STREAMS]
 
     def inputs(self, args, kwargs) -> list[torch.Tensor | None]:
         found = []
-        for stream in self.STREAMS:
+        for stream in self.names:
             if stream in kwargs:
                 found.append(kwargs[stream])
             elif stream in self.params and self.params.index(stream) < len(args):

@@ -12,7 +12,9 @@ KERNELS = ("auto", "dequantize", "torchao")
 # where rounding hurts most. Normalisations are never quantized (only Linear / Conv2d are).
 DEFAULT_SKIP = ("conv_in", "conv_out", "time_embedding.*", "time_embed.*", "add_embedding.*",
                 "class_embedding.*", "pos_embed.*", "proj_out", "x_embedder.*", "context_embedder",
-                "time_text_embed.*", "adaln_single.*", "caption_projection.*", "proj_in")
+                "time_text_embed.*", "adaln_single.*", "caption_projection.*", "proj_in",
+                # LaMamba-Diff (genfast.backbones): conv stem, and the final layer before proj_out
+                "stem", "final_expand.*", "final_cond_proj", "final_adaLN_modulation.*")
 
 
 @dataclass
