@@ -40,3 +40,15 @@ def demo_server():
     app, url = launch(models, host="127.0.0.1", port=None, block=False)
     yield models, url
     app.close()
+
+
+@pytest.fixture
+def stop_after(monkeypatch):
+    """Make the training loop's budget clock run so that a run with max_minutes=1 stops after `steps` steps."""
+    from genfast.training import loop as loop_module
+
+    def set_steps(steps):
+        clock = iter(range(0, 10**6, 60 // steps + 1))
+        monkeypatch.setattr(loop_module, "_now", lambda: float(next(clock)))
+
+    return set_steps

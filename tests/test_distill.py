@@ -12,7 +12,6 @@ from PIL import Image
 from tiny_pipelines import _text_encoder, _vae, tokenizer
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-import genfast.training.loop as loop_module
 from genfast.assembly.plan import AssemblyPlan
 from genfast.assembly.student import assemble, build_student, save_assembled
 from genfast.cli_distill import add_distill_parser
@@ -56,16 +55,6 @@ def teacher(one_thread):
 @pytest.fixture(scope="module")
 def v_teacher(one_thread):
     return _teacher("v_prediction")
-
-
-@pytest.fixture
-def stop_after(monkeypatch):
-    """Make the loop's budget clock run so that a run with max_minutes=1 stops after `steps` steps."""
-    def set_steps(steps):
-        clock = iter(range(0, 10**6, 60 // steps + 1))
-        monkeypatch.setattr(loop_module, "_now", lambda: float(next(clock)))
-
-    return set_steps
 
 
 def _state(module):

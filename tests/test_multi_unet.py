@@ -183,7 +183,6 @@ def test_a_call_stopped_mid_loop_leaves_no_state_behind():
 
 
 def test_student_from_a_unet_folder_or_a_pipeline_folder(tmp_path):
-    pytest.importorskip("genfast.assembly.student", reason="helper B's load_student is not there yet")
     pipe = build("sd")
     student = small_student(pipe.unet)
     with genfast.accelerate(pipe, "multi_unet", student=student, switch_at=0.4):
