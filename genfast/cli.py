@@ -200,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pipeline-variant", action="append", metavar="DIR",
                    help="a diffusers pipeline folder (an assembled or quantized model) run as a variant, loaded "
                         "like the baseline and run on the same prompts and seeds (repeat for several)")
-    c.add_argument("--pipeline", help="a local diffusers pipeline folder (default: embedded genfast-mini)")
+    c.add_argument("--pipeline", help="a local diffusers pipeline folder: text-to-image, or class-conditional "
+                                      "(a DiTPipeline, e.g. from genfast train-class) (default: embedded genfast-mini)")
     c.add_argument("--prompts", dest="prompts_file",
-                   help="a text file with one prompt per line, cycled to --num-images "
-                        "(default: held-out genfast-mini evaluation prompts)")
+                   help="a text file with one prompt per line, cycled to --num-images (default: held-out "
+                        "genfast-mini evaluation prompts); for a DiTPipeline one class label per line, e.g. "
+                        "'red circle' (default: the held-out classes, each in turn)")
     c.add_argument("--steps", type=_positive("--steps"), default=25)
     c.add_argument("--num-images", type=_positive("--num-images"), default=64)
     c.add_argument("--seed", type=int, default=0, help="image i has seed SEED + i")

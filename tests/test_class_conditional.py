@@ -262,3 +262,18 @@ def test_lamamba_mini_builds_to_the_contract():
     assert check_denoiser(model) == 8
     pipe = make_pipeline(model.eval())
     assert pipe.get_label_ids(["green square"]) == [class_id("square", "green")]
+
+
+def test_a_quantized_class_pipeline_keeps_its_labels(tmp_path, vae):
+    """A DiTPipeline folder written by save_quantized loads with its class names (load_pipeline records them,
+    so the folder it saves has them too)."""
+    import genfast
+    from genfast.quant.saving import load_pipeline
+
+    pipe = make_pipeline(tiny_dit(), vae)
+    genfast.quantize(pipe, weights="int8")
+    genfast.save_quantized(pipe, tmp_path / "q")
+    loaded = load_pipeline(tmp_path / "q")
+    assert loaded.labels == pipe.labels
+    genfast.save_quantized(loaded, tmp_path / "q2")
+    assert load_pipeline(tmp_path / "q2").labels == pipe.labels

@@ -5,8 +5,15 @@ baseline pipeline, or a pipeline folder on disk loaded like the baseline. Per va
 speed (median latency of the pipeline call and of the denoising loop, denoiser calls, and peak
 memory in an untimed call of its own) and quality (FID in a named feature space, faithfulness to
 the baseline's images, prompt accuracy on genfast-mini), then writes report.json, report.md,
-grid.png and pareto.png. The judges (FID feature network, LPIPS, the evaluator) are built once
-per run on the run's device, and each image folder's FID features are computed once.
+grid.png and pareto.png.
+
+A class-conditional pipeline (diffusers' DiTPipeline, e.g. one `genfast train-class` wrote) is compared
+the same way on class labels in place of prompts ("red circle": image i has label i and seed + i).
+When its labels are genfast's classes, the real images are held-out renders of the same classes and
+class accuracy (the embedded evaluator: shape and colour both right) replaces prompt accuracy.
+
+The judges (FID feature network, LPIPS, the evaluator) are built once per run on the run's device,
+and each image folder's FID features are computed once.
 
 Under `accelerate launch` the images are shared out over the processes in whole batches (image i
 always has seed + i and sits in the same batch), gathered on the main process, and measured there;
@@ -35,7 +42,8 @@ FEATURE_SPACE_CHOICES = ("auto", "mini-features", "inception")
 @dataclass
 class CompareSettings:
     pipeline: str | None = None  # a local diffusers pipeline folder; None: the embedded genfast-mini
-    prompts: list[str] | None = None  # None: held-out genfast-mini evaluation prompts
+    # None: held-out genfast-mini evaluation prompts; for a DiTPipeline, the held-out class labels (each in turn)
+    prompts: list[str] | None = None
     num_images: int = 64
     steps: int = 25
     guidance: float = 5.0
@@ -89,6 +97,57 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
+def is_class_pipeline(pipe) -> bool:
+    """Whether `pipe` is class-conditional (diffusers' DiTPipeline: class ids in, no prompts)."""
+    from diffusers import DiTPipeline
+
+    return isinstance(pipe, DiTPipeline)
+
+
+def genfast_classes(pipe) -> bool:
+    """Whether a DiTPipeline's labels are genfast's classes (genfast.data.classes): only those have real
+    renders and an evaluator that judges them."""
+    from ..data.classes import class_names
+
+    return all(pipe.labels.get(name) == cid for cid, name in enumerate(class_names()))
+
+
+def default_class_labels(pipe, n: int) -> list[str]:
+    """n label names: the held-out class list (every class in turn) for genfast's classes, else the
+    pipeline's own classes in id order, cycled (one name per id)."""
+    from ..data.classes import class_names, eval_class_labels
+
+    if genfast_classes(pipe):
+        names = class_names()
+        return [names[cid] for cid in eval_class_labels(n)]
+    _check_has_labels(pipe)
+    first = {}
+    for name, cid in pipe.labels.items():
+        first.setdefault(cid, name)
+    names = [first[cid] for cid in sorted(first)]
+    return [names[i % len(names)] for i in range(n)]
+
+
+def _check_has_labels(pipe) -> None:
+    if not pipe.labels:
+        raise ValueError(f"{type(pipe).__name__} has no label names (no id2label in its model_index.json): "
+                         f"genfast compare needs them to name its classes; write the pipeline with "
+                         f"genfast.pipelines.class_conditional.make_pipeline, or call keep_labels(pipe) before "
+                         f"save_pretrained")
+
+
+def class_label_ids(pipe, names: list[str]) -> list[int]:
+    """The class ids of label names; unknown names are an error listing a few of the pipeline's labels."""
+    _check_has_labels(pipe)
+    unknown = [name for name in dict.fromkeys(names) if name not in pipe.labels]
+    if unknown:
+        by_id = sorted(pipe.labels, key=pipe.labels.get)
+        raise ValueError(f"unknown class label(s) {', '.join(map(repr, unknown[:5]))}: a class-conditional "
+                         f"pipeline takes one of its label names per line, e.g. {', '.join(map(repr, by_id[:6]))} "
+                         f"({len(by_id)} in all)")
+    return [pipe.labels[name] for name in names]
+
+
 class _Generator:
     """Runs a pipeline on batches of the image list: image i has prompt i and seed + i."""
 
@@ -97,9 +156,12 @@ class _Generator:
         n, bs = len(prompts), settings.batch_size
         self.batches = [list(range(a, min(a + bs, n))) for a in range(0, n, bs)]
 
+    def inputs(self, batch: list[int]) -> dict:
+        return {"prompt": [self.prompts[i] for i in batch]}
+
     def kwargs(self, batch: list[int]) -> dict:
         return dict(
-            prompt=[self.prompts[i] for i in batch],
+            **self.inputs(batch),
             num_inference_steps=self.s.steps,
             guidance_scale=self.s.guidance,
             # CPU generators: the same noise whatever the device, so reports agree across machines
@@ -113,7 +175,32 @@ class _Generator:
 
     def on(self, pipe) -> _Generator:
         """The same prompts, seeds and batches on another pipeline (a --pipeline-variant folder)."""
+        if is_class_pipeline(pipe):
+            raise ValueError(f"the variant is a class-conditional {type(pipe).__name__}, the baseline a "
+                             f"{type(self.pipe).__name__}: compare variants of one model")
         return _Generator(pipe, self.prompts, self.s)
+
+
+class _ClassGenerator(_Generator):
+    """A DiTPipeline on batches of the image list: image i has class label i (a name) and seed + i."""
+
+    def __init__(self, pipe, labels: list[str], settings: CompareSettings, ids: list[int] | None = None):
+        if settings.step_callback is not None:  # dropping it would make the demo's Cancel do nothing
+            raise ValueError(f"step_callback: {type(pipe).__name__} takes no callback_on_step_end, so a per-step "
+                             f"callback (the demo's Cancel) cannot run on a class-conditional pipeline; leave it unset")
+        super().__init__(pipe, labels, settings)
+        self.ids = class_label_ids(pipe, labels) if ids is None else ids
+
+    def inputs(self, batch: list[int]) -> dict:
+        return {"class_labels": [self.ids[i] for i in batch]}
+
+    def on(self, pipe) -> _Generator:
+        if not is_class_pipeline(pipe):
+            raise ValueError(f"the variant is a {type(pipe).__name__}, the baseline a class-conditional "
+                             f"{type(self.pipe).__name__}: compare variants of one model")
+        # a variant's own label table (it may number the classes apart); a folder saved without its labels
+        # (a DiTPipeline forgets them unless keep_labels recorded them) takes the baseline's ids
+        return _ClassGenerator(pipe, self.prompts, self.s, None if pipe.labels else self.ids)
 
 
 def apply_recipe(pipe, variant: Variant, call_kwargs: dict) -> list:
@@ -195,10 +282,11 @@ class _Judges:
     features: object  # fid.FeatureSpace: the FID feature network, built once
     lpips: object | None  # LPIPSMetric, or None with the reason in lpips_note
     lpips_note: str
-    evaluator: object | None  # the attribute classifier (genfast-mini only)
+    evaluator: object | None  # the attribute classifier (genfast-mini and genfast's classes only)
 
     @classmethod
     def build(cls, settings: CompareSettings, feature_space: str, mini: bool, device):
+        """mini: whether the evaluator can judge the images (genfast-mini's prompts, genfast's classes)."""
         from ..models import load_evaluator
         from .fid import FeatureSpace
         from .lpips_metric import LPIPSMetric, lpips_available
@@ -226,14 +314,19 @@ def resolve_feature_space(settings: CompareSettings) -> str:
     return settings.feature_space
 
 
-def _quality(images: torch.Tensor, base: torch.Tensor, judges: _Judges, prompts: list[str]) -> dict:
+def _quality(images: torch.Tensor, base: torch.Tensor, judges: _Judges, gen: _Generator) -> dict:
+    """Faithfulness to the baseline's images, and prompt accuracy (class accuracy for a class pipeline)."""
+    from ..pipelines.class_conditional import class_accuracy
     from .faithfulness import faithfulness
     from .prompt_accuracy import prompt_accuracy
 
     x, ref = images.float() / 255, base.float() / 255
     faith = faithfulness(x, ref)
     faith["lpips"] = float(judges.lpips(x, ref).mean()) if judges.lpips is not None else None
-    acc = prompt_accuracy(x * 2 - 1, prompts, judges.evaluator) if judges.evaluator is not None else None
+    if isinstance(gen, _ClassGenerator):
+        acc = class_accuracy(x * 2 - 1, gen.ids, judges.evaluator) if judges.evaluator is not None else None
+        return {"faithfulness": faith, "class_accuracy": acc}
+    acc = prompt_accuracy(x * 2 - 1, gen.prompts, judges.evaluator) if judges.evaluator is not None else None
     return {"faithfulness": faith, "prompt_accuracy": acc}
 
 
@@ -244,6 +337,20 @@ def _real_images(num_images: int) -> torch.Tensor:
 
     ds = ShapesDataset(num_images, seed=HELDOUT_SEED, style=EVAL_STYLE)
     return torch.from_numpy(np.stack([ds.sample(i)[0] for i in range(num_images)])).permute(0, 3, 1, 2)
+
+
+def _real_class_images(class_ids: list[int]) -> torch.Tensor:
+    """Held-out renders of the same classes (uint8 NCHW): image i is the k-th held-out item of class i's, k
+    counting earlier images of that class, so the default list (every class in turn) reads items 0..n-1."""
+    from ..data.classes import HELDOUT_SEED, NUM_CLASSES, ClassShapesDataset
+
+    seen: dict[int, int] = {}
+    items = []
+    for cid in class_ids:
+        items.append(cid + NUM_CLASSES * seen.get(cid, 0))  # item j has class j % NUM_CLASSES
+        seen[cid] = seen.get(cid, 0) + 1
+    ds = ClassShapesDataset(max(items) + 1, seed=HELDOUT_SEED)
+    return torch.from_numpy(np.stack([ds.sample(j)[0] for j in items])).permute(0, 3, 1, 2)
 
 
 def _row(variant: Variant, cost: CallCost, base_cost: CallCost, quality: dict, fids: list[dict]) -> dict:
@@ -285,18 +392,29 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
     # `accelerate launch --multi_gpu` (torchrun) there as a multi-CPU group rather than as strangers
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     main = state.is_main_process
-    mini = _is_mini(settings.pipeline)
-    if settings.prompts is None:
-        prompts = default_prompts(settings.num_images)
-        settings.prompts_source = f"{settings.num_images} held-out genfast-mini evaluation prompts"
-    else:
-        prompts = [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]
-        settings.prompts_source = f"{len(settings.prompts)} prompt(s) from a file, cycled to {settings.num_images}"
     # every process checks what could be wrong before any of them starts work, so none waits on a failed one
     feature_space = resolve_feature_space(settings)
     pipe = _load(settings, state.device)
-    judges = _Judges.build(settings, feature_space, mini, state.device) if main else None
-    gen = _Generator(pipe, prompts, settings)
+    classes = is_class_pipeline(pipe)
+    what = "class label(s)" if classes else "prompt(s)"
+    if settings.prompts is None:
+        if classes:
+            prompts = default_class_labels(pipe, settings.num_images)
+            settings.prompts_source = (f"{settings.num_images} held-out class labels (every class in turn)"
+                                       if genfast_classes(pipe) else f"the pipeline's first class labels, cycled "
+                                                                     f"to {settings.num_images}")
+        else:
+            prompts = default_prompts(settings.num_images)
+            settings.prompts_source = f"{settings.num_images} held-out genfast-mini evaluation prompts"
+    else:
+        if classes:  # every label given, also those --num-images leaves unused
+            class_label_ids(pipe, settings.prompts)
+        prompts = [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]
+        settings.prompts_source = f"{len(settings.prompts)} {what} from a file, cycled to {settings.num_images}"
+    gen = _ClassGenerator(pipe, prompts, settings) if classes else _Generator(pipe, prompts, settings)
+    # the evaluator judges genfast-mini's prompts and genfast's classes, nothing else
+    judged = genfast_classes(pipe) if classes else _is_mini(settings.pipeline)
+    judges = _Judges.build(settings, feature_space, judged, state.device) if main else None
     out = Path(settings.out)
     images, costs = {}, {}
     for variant in tqdm([BASELINE, *variants], desc="compare", disable=not main):
@@ -314,14 +432,19 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
     # the features of every folder are computed once, by one network, and reused for each FID
     feats = {v: judges.features.features(out / "images" / v.slug) for v in [BASELINE, *variants]}
     references = {"baseline": feats[BASELINE]}
-    if settings.prompts is None:
-        references["real"] = judges.features.features(
-            save_images(_real_images(settings.num_images), out / "images" / "real"))
+    real = None
+    if classes and judged:  # renders of any list of genfast's classes
+        real = _real_class_images(gen.ids)
+    elif not classes and settings.prompts is None:
+        real = _real_images(settings.num_images)
+    if real is not None:
+        references["real"] = judges.features.features(save_images(real, out / "images" / "real"))
+    accuracy = "class_accuracy" if classes else "prompt_accuracy"
     rows = []
     for variant in tqdm([BASELINE, *variants], desc="measure"):
         fids = [{**judges.features.fid(feats[variant], ref), "reference": name}
                 for name, ref in references.items() if not (variant is BASELINE and name == "baseline")]
-        quality = _quality(images[variant], images[BASELINE], judges, prompts)
+        quality = _quality(images[variant], images[BASELINE], judges, gen)
         rows.append(_row(variant, costs[variant], costs[BASELINE], quality, fids))
 
     report = {
@@ -344,7 +467,9 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
         "machine": platform.machine(),
         "feature_space": judges.features.name,
         "lpips": {"available": judges.lpips is not None, "note": judges.lpips_note},
-        "prompt_accuracy": "attribute classifier (genfast-mini only)" if mini else None,
+        # class accuracy for a class pipeline, prompt accuracy otherwise, as in the rows
+        accuracy: (("attribute classifier, shape and colour both right (genfast's classes only)" if classes
+                    else "attribute classifier (genfast-mini only)") if judged else None),
         "variants": rows,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")

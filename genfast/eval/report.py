@@ -37,9 +37,11 @@ def _columns(report: dict) -> list[tuple[str, callable]]:
         ("SSIM", lambda r: f"{r['faithfulness']['ssim']:.4f}"),
         ("LPIPS", lambda r: _fmt(r["faithfulness"]["lpips"], ".4f")),
     ]
-    heads = [h for h in ("shape", "color", "size", "position", "background")
-             if report["variants"][0]["prompt_accuracy"] and h in report["variants"][0]["prompt_accuracy"]]
-    cols += [(f"{h} acc", lambda r, h=h: f"{100 * r['prompt_accuracy'][h]:.1f}%") for h in heads]
+    # prompt accuracy (text-to-image) or class accuracy (class-conditional): whichever the rows hold
+    key = "class_accuracy" if "class_accuracy" in report["variants"][0] else "prompt_accuracy"
+    first = report["variants"][0].get(key) or {}
+    heads = [h for h in ("class", "shape", "color", "size", "position", "background") if h in first]
+    cols += [(f"{h} acc", lambda r, h=h: f"{100 * r[key][h]:.1f}%") for h in heads]
     return cols
 
 
@@ -60,7 +62,8 @@ def markdown(report: dict) -> str:
          f"same batch, after the timed ones and untimed itself"),
         (f"- FID[{report['feature_space']}] on {report['num_images']} images per set (few images make FID noisy "
          f"and biased upwards: compare rows with each other, not with published FIDs)"),
-        "- faithfulness (PSNR capped at 100 dB, SSIM, LPIPS) is to the baseline's image at the same prompt and seed",
+        ("- faithfulness (PSNR capped at 100 dB, SSIM, LPIPS) is to the baseline's image at the same "
+         f"{'class label' if 'class_accuracy' in report else 'prompt'} and seed"),
     ]
     kinds = {r["kind"] for r in report["variants"]}
     if kinds & {"chain", "pipeline"}:
@@ -68,8 +71,11 @@ def markdown(report: dict) -> str:
                      "the pipeline saved in DIR, loaded like the baseline and run on the same prompts and seeds")
     if not report["lpips"]["available"]:
         lines.append(f"- LPIPS unavailable: {report['lpips']['note']}")
-    if report["prompt_accuracy"]:
+    if report.get("prompt_accuracy"):
         lines.append("- prompt accuracy: the embedded attribute classifier, over the prompts that name each attribute")
+    if report.get("class_accuracy"):
+        lines.append("- class accuracy: the embedded attribute classifier; class = shape and colour both right, "
+                     "shape and color each alone")
     lines += ["", "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fn(row) for _, fn in cols) + " |" for row in report["variants"]]
     lines += ["", "![baseline and variants, same prompts and seeds](grid.png)", "",

@@ -409,6 +409,10 @@ def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", d
                                              **{name: model for name, (model, _, _) in loaded.items()})
     for name, (model, qconfig, layers) in loaded.items():
         LoadedQuantizeHandle(pipe, model, qconfig, layers, folders[name])
+    if hasattr(pipe, "labels"):  # a DiTPipeline: record its class names, or saving it again would drop them
+        from ..pipelines.class_conditional import keep_labels
+
+        keep_labels(pipe)
     # everything is on the CPU already; diffusers' to("cpu") would only warn about fp16 on CPU
     return pipe if torch.device(device).type == "cpu" else pipe.to(device)
 
