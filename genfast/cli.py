@@ -272,12 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_class import add_train_class_parser
     from .cli_demo import add_demo_parser
     from .cli_distill import add_distill_parser
+    from .cli_t2i import add_train_t2i_parser
 
     add_analyze_parser(sub)
     add_assemble_parser(sub)
     add_distill_parser(sub)
     add_demo_parser(sub)
     add_train_class_parser(sub)
+    add_train_t2i_parser(sub)
     return parser
 
 

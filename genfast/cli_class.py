@@ -1,7 +1,7 @@
 """`genfast train-class`: train a class-conditional denoiser on the class shapes and write a DiTPipeline.
 
 ``genfast train-class --model dit --steps 4000 --out DIR`` trains genfast's DiT baseline (or
-``--model lamamba-mini``, or a config.json of either) with the one class-conditional recipe
+``--model lamamba-mini``, ``--model ascan-mini``, or a config.json of any of them) with the one class-conditional recipe
 (genfast.training.class_cond) and writes a DiTPipeline folder with genfast-mini's VAE and sampler,
 which ``DiTPipeline.from_pretrained(DIR)`` loads. Interrupted runs resume from --work-dir.
 """
@@ -58,8 +58,8 @@ def add_train_class_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", required=True, metavar="SPEC",
-                   help="'dit' (the DiT baseline), 'lamamba-<config>' (e.g. lamamba-mini), or a config.json of "
-                        "either")
+                   help="'dit' (the DiT baseline), 'lamamba-<config>' (e.g. lamamba-mini), 'ascan-<config>' "
+                        "(ascan-mini, or its symmetric control ascan-mini-symmetric), or a config.json of any of them")
     p.add_argument("--params", type=_number("--params", int, 10_000),
                    help="the DiT baseline's parameter target (only with --model dit; default 2000000)")
     p.add_argument("--layers", type=_number("--layers", int, 1),

@@ -1,18 +1,34 @@
-"""Efficient class-conditional denoisers as diffusers models (ModelMixin + ConfigMixin).
+"""Efficient denoisers as diffusers models (ModelMixin + ConfigMixin).
 
-LaMambaDiffModel runs in an unmodified diffusers DiTPipeline; lamamba_config(name) gives the
-named sizes; count_params / count_flops give the costs the benchmarks compare.
+LaMambaDiffModel and AsCANModel run in an unmodified diffusers DiTPipeline, AsCANUNet2DConditionModel
+in an unmodified StableDiffusionPipeline; lamamba_config(name) / ascan_config(name) give the named
+sizes; count_params / count_flops give the costs the benchmarks compare.
 """
 
-from .configs import CONFIGS, build_on_meta, count_flops, count_params, lamamba_config
+from .ascan import AsCANModel, AsCANUNet2DConditionModel
+from .configs import (
+    ASCAN_CONFIGS,
+    CONFIGS,
+    ascan_class,
+    ascan_config,
+    build_on_meta,
+    count_flops,
+    count_params,
+    lamamba_config,
+)
 from .lamamba import LaMambaDiffModel
 from .scan import BACKENDS as SCAN_BACKENDS
 from .scan import linear_scan, mamba_ssm_available, selective_scan
 
 __all__ = [
+    "ASCAN_CONFIGS",
     "CONFIGS",
     "SCAN_BACKENDS",
+    "AsCANModel",
+    "AsCANUNet2DConditionModel",
     "LaMambaDiffModel",
+    "ascan_class",
+    "ascan_config",
     "build_on_meta",
     "count_flops",
     "count_params",

@@ -1,4 +1,4 @@
-"""Named LaMamba-Diff sizes, and the parameter / FLOP counts the benchmarks compare.
+"""Named LaMamba-Diff and AsCAN sizes, and the parameter / FLOP counts the benchmarks compare.
 
 Only XL is published (`configs/LaMamba-DIff-XL.yaml` + `--num-heads 16` in the official repo):
 dims 320/640/1280/1280, depths 2/2/2/2, a 2-block bottleneck, 16 heads, window 8, d_state 1,
@@ -62,6 +62,57 @@ def lamamba_config(name: str) -> dict:
     return copy.deepcopy(CONFIGS[name])
 
 
+# AsCAN (genfast.backbones.ascan): no sizes are published, so every config here is genfast's. Shared by
+# the minis: 3 stages at 16x16 / 8x8 / 4x4 latents, 4 heads, GroupNorm of 8 groups, C expansion 2, MLP 4.
+_ASCAN_MINI_TRUNK = dict(sample_size=16, in_channels=4, num_attention_heads=4, expand_ratio=2.0, mlp_ratio=4.0,
+                         norm_num_groups=8)
+ASCAN_CONFIGS = {
+    # class-conditional, asymmetric: C blocks at 16x16 and 8x8, T blocks at 4x4 only (attention on 16 tokens)
+    "mini": {**_ASCAN_MINI_TRUNK, "out_channels": 8, "num_classes": 24, "block_out_channels": [32, 64, 144],
+             "down_layouts": ["C", "C", "TT"], "mid_layout": "T", "up_layouts": None},
+    # the control: the same 9 blocks (4 C, 5 T) and stage depths, but every stage holds C and T equally
+    # (encoder and decoder together); the 4x4 width is 136 instead of 144 for equal parameters
+    "mini-symmetric": {**_ASCAN_MINI_TRUNK, "out_channels": 8, "num_classes": 24, "block_out_channels": [32, 64, 136],
+                       "down_layouts": ["C", "T", "CT"], "mid_layout": "T", "up_layouts": ["T", "C", "TC"]},
+    # text-to-image for genfast-mini (its VAE's 16x16x4 latents, its 128-d text encoder); T cross-attends
+    # to the text at 8x8 and 4x4
+    "t2i-mini": {**_ASCAN_MINI_TRUNK, "out_channels": 4, "cross_attention_dim": 128, "time_cond_proj_dim": None,
+                 "block_out_channels": [32, 96, 192], "down_layouts": ["CC", "CT", "TT"], "mid_layout": "T",
+                 "up_layouts": None},
+}
+_ASCAN_TEXT = ("t2i-mini",)
+
+
+def ascan_config(name: str) -> dict:
+    """Keyword arguments of a named AsCAN size; `ascan_class(name)` is the class they are for.
+
+    "mini" and "mini-symmetric" are for `AsCANModel` (class-conditional, DiTPipeline), "t2i-mini" for
+    `AsCANUNet2DConditionModel` (StableDiffusionPipeline). All are genfast's (the paper's sizes were not
+    reachable), tuned on a 2-core CPU at 1 thread for 16x16x4 latents (64x64 images, genfast-mini's VAE):
+
+    - mini: 24 classes (genfast.data.classes), widths 32 / 64 / 144, layouts "C", "C", "TT", mid "T",
+      decoder mirrored: 4 C and 5 T blocks, attention only at 4x4; 2,330,904 parameters (LaMamba mini:
+      2,343,606) and 0.045 GFLOPs per image (the 2.23M DiT: 0.087).
+    - mini-symmetric: the control for the asymmetry claim, same depth and the same 4 C + 5 T blocks,
+      spread so that each stage holds as many C as T: encoder "C", "T", "CT", decoder "T", "C", "TC"
+      (a T block at 16x16), mid "T"; widths 32 / 64 / 136 give 2,296,560 parameters (1.5% fewer).
+    - t2i-mini: widths 32 / 96 / 192, layouts "CC", "CT", "TT", mid "T", cross-attention to the
+      128-d text at 8x8 and 4x4: 5.4M parameters and 0.12 GFLOPs per image, against genfast-mini's
+      UNet2DConditionModel's 7.95M and 0.32.
+    """
+    if name not in ASCAN_CONFIGS:
+        raise ValueError(f"unknown AsCAN size {name!r}; choose one of {', '.join(ASCAN_CONFIGS)}")
+    return copy.deepcopy(ASCAN_CONFIGS[name])
+
+
+def ascan_class(name: str):
+    """The model class a named AsCAN config is for: AsCANModel or AsCANUNet2DConditionModel."""
+    from .ascan import AsCANModel, AsCANUNet2DConditionModel
+
+    ascan_config(name)  # the name check, with its error
+    return AsCANUNet2DConditionModel if name in _ASCAN_TEXT else AsCANModel
+
+
 def count_params(model: torch.nn.Module) -> int:
     """Number of parameters (works on a model built on the meta device)."""
     return sum(p.numel() for p in model.parameters())
@@ -73,7 +124,8 @@ def build_on_meta(model_cls, **config):
         return model_cls(**config)
 
 
-def count_flops(model: torch.nn.Module, batch: int = 1, sample_size: int | None = None) -> float:
+def count_flops(model: torch.nn.Module, batch: int = 1, sample_size: int | None = None,
+                text_length: int | None = None) -> float:
     """GFLOPs of one forward pass, counting a fused multiply-add as ONE flop (the fvcore
     convention of the LaMamba-Diff and DiT papers).
 
@@ -84,11 +136,17 @@ def count_flops(model: torch.nn.Module, batch: int = 1, sample_size: int | None 
     d_state 1 both are well under 1% of the total).
 
     Works on any diffusers class-conditional denoiser with `sample_size` / `in_channels` in its
-    config (LaMambaDiffModel, DiTTransformer2DModel): a copy is rebuilt on the meta device with
-    `sample_size` (latent side; 256^2 images through the SD VAE = 32) and run there, so nothing is
-    allocated and the real model is untouched.
+    config (LaMambaDiffModel, AsCANModel, DiTTransformer2DModel), and on text-conditional ones with
+    `cross_attention_dim` (AsCANUNet2DConditionModel, UNet2DConditionModel), which read `text_length`
+    text tokens (default 32, genfast-mini's tokenizer length; SD's is 77): a copy is rebuilt on the
+    meta device with `sample_size` (latent side; 256^2 images through the SD VAE = 32) and run there,
+    so nothing is allocated and the real model is untouched.
     """
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    text = config.get("cross_attention_dim") is not None
+    if text_length is not None and not text:
+        raise ValueError(f"text_length applies to text-conditional models (with cross_attention_dim); "
+                         f"{type(model).__name__} reads no text: drop it")
     if sample_size is not None:
         config["sample_size"] = sample_size
     size, channels = config["sample_size"], config["in_channels"]
@@ -96,7 +154,10 @@ def count_flops(model: torch.nn.Module, batch: int = 1, sample_size: int | None 
         probe = type(model).from_config(config)
         x = torch.empty(batch, channels, size, size)
         t = torch.zeros(batch, dtype=torch.long)
-        labels = torch.zeros(batch, dtype=torch.long)
+        if text:
+            cond = {"encoder_hidden_states": torch.empty(batch, text_length or 32, config["cross_attention_dim"])}
+        else:
+            cond = {"class_labels": torch.zeros(batch, dtype=torch.long)}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        probe(x, timestep=t, class_labels=labels)
+        probe(x, timestep=t, **cond)
     return counter.get_total_flops() / 2 / 1e9

@@ -127,8 +127,10 @@ def build_denoiser(spec: str, params_target: int | None = None, layers: int | No
     """A fresh class-conditional denoiser for the class shapes (NUM_CLASSES classes, 16x16x4 latents).
 
     spec: "dit" (ClassDiT of dit_config(params_target, layers); default 2M parameters), "lamamba-<name>"
-    (genfast.backbones' LaMambaDiffModel with lamamba_config(name)), or a config.json of either (as
-    save_pretrained writes it). The initial weights are drawn from torch's generator seeded with `seed`.
+    (genfast.backbones' LaMambaDiffModel with lamamba_config(name)), "ascan-<name>" (AsCANModel with
+    ascan_config(name): "ascan-mini", or its equal-parameter symmetric control "ascan-mini-symmetric"),
+    or a config.json of any of them (as save_pretrained writes it). The initial weights are drawn from
+    torch's generator seeded with `seed`.
     """
     from ..pipelines.class_conditional import DIT_PARAMS, ClassDiT, dit_config
 
@@ -145,21 +147,30 @@ def build_denoiser(spec: str, params_target: int | None = None, layers: int | No
             raise ValueError(f"{spec!r} needs genfast.backbones (LaMambaDiffModel), which is not importable: {err}") \
                 from None
         return LaMambaDiffModel(**lamamba_config(spec[len("lamamba-"):]))
+    if spec.startswith("ascan-"):
+        from ..backbones import AsCANModel, ascan_class, ascan_config
+
+        name = spec[len("ascan-"):]
+        if ascan_class(name) is not AsCANModel:
+            raise ValueError(f"{spec!r} is a text-to-image AsCAN ({ascan_class(name).__name__}), not a "
+                             f"class-conditional denoiser: train it with `genfast train-t2i --model {spec}`")
+        return AsCANModel(**ascan_config(name))
     path = Path(spec)
     if path.suffix == ".json" and path.is_file():
         config = json.loads(path.read_text())
         name = config.get("_class_name") if isinstance(config, dict) else None
         classes = {"ClassDiT": ClassDiT}
-        if name == "LaMambaDiffModel":
-            from ..backbones import LaMambaDiffModel
+        if name in ("LaMambaDiffModel", "AsCANModel"):
+            from .. import backbones
 
-            classes[name] = LaMambaDiffModel
+            classes[name] = getattr(backbones, name)
         if name not in classes:
             raise ValueError(f"{path}: _class_name {name!r} is not a class-conditional denoiser genfast builds "
-                             f"(ClassDiT, LaMambaDiffModel)")
+                             f"(ClassDiT, LaMambaDiffModel, AsCANModel)")
         return classes[name].from_config(config)
-    raise ValueError(f"unknown model {spec!r}: give 'dit', 'lamamba-<config name>' (e.g. lamamba-mini), or a "
-                     f"config.json of a ClassDiT or LaMambaDiffModel")
+    raise ValueError(f"unknown model {spec!r}: give 'dit', 'lamamba-<config name>' (e.g. lamamba-mini), "
+                     f"'ascan-<config name>' (e.g. ascan-mini), or a config.json of a ClassDiT, LaMambaDiffModel "
+                     f"or AsCANModel")
 
 
 def check_denoiser(model: torch.nn.Module, latent_channels: int = 4, latent_size: int = 16) -> int:

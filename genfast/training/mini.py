@@ -60,6 +60,11 @@ NOISE_SCHEDULE = {
     "prediction_type": "v_prediction",
     "rescale_betas_zero_snr": True,
 }
+# the denoiser stage's fixed numbers (genfast.training.t2i trains other denoisers with the same ones)
+DENOISER_WEIGHT_DECAY = 1e-2
+DENOISER_EMA_DECAY = 0.9995
+MAX_GRAD_NORM = 1.0
+POOL_CHUNK = 256  # images rendered and encoded at a time
 
 
 @dataclass
@@ -153,6 +158,61 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return images + torch.randn(images.shape, generator=gen) * 0.06 * torch.rand(n, 1, 1, 1, generator=gen)
 
 
+# ---- the denoiser recipe, shared with genfast.training.t2i ----
+
+def encode_shapes_pool(vae: AutoencoderKL, pool_size: int, seed: int, device=None) -> tuple[torch.Tensor, list]:
+    """(scaled latents on the CPU, scenes) of ShapesDataset(pool_size, seed): the images the denoiser learns."""
+    ds = ShapesDataset(pool_size, seed=seed)
+    device = device if device is not None else vae.device
+    scenes, out = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, pool_size, POOL_CHUNK), desc="pool: render + encode",
+                          disable=not PartialState().is_local_main_process):
+            images = []
+            for i in range(start, min(start + POOL_CHUNK, pool_size)):
+                image, _, scene = ds.sample(i)
+                scenes.append(scene)
+                images.append(image)
+            x = to_tensor(np.stack(images)).to(device, vae.dtype)
+            out.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out).contiguous(), scenes
+
+
+def caption_batch(step: int, seed: int, batch: int, scenes: list, p_uncond: float,
+                  style: CaptionStyle | None = None) -> tuple[np.ndarray, list[str]]:
+    """(pool indices, captions) of one step, a pure function of (seed, step); a caption is empty with
+    chance p_uncond (classifier-free guidance)."""
+    style = style if style is not None else CaptionStyle()
+    rng = np.random.default_rng([seed, 3, step])
+    idx = rng.integers(0, len(scenes), size=batch)
+    return idx, ["" if rng.random() < p_uncond else caption(scenes[i], rng, style) for i in idx]
+
+
+def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def noise_draw(shape, seed: int, step: int, num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, timesteps) of one step, a pure function of (seed, step)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    noise = torch.randn(shape, generator=gen)
+    return noise, torch.randint(0, num_train_timesteps, (shape[0],), generator=gen)
+
+
+def v_loss(unet, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+           noise_sched: DDPMScheduler, min_snr_gamma: float) -> torch.Tensor:
+    """MSE on v, sample by sample weighted min(SNR + 1, gamma) / (SNR + 1) (see the module docstring)."""
+    alphas = noise_sched.alphas_cumprod.to(t.device)
+    noisy = noise_sched.add_noise(x0, noise, t)
+    target = noise_sched.get_velocity(x0, noise, t)
+    pred = unet(noisy, t, cond).sample
+    snr = alphas[t] / (1 - alphas[t])
+    weight = torch.clamp(snr + 1, max=min_snr_gamma) / (snr + 1)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (weight * per_sample).mean()
+
+
 def _folder_sha256(path: Path) -> str:
     """One hash of a folder's files (names and contents)."""
     h = hashlib.sha256()
@@ -187,7 +247,7 @@ class MiniTrainer:
         r = self.recipe
         config = LoopConfig(steps=steps, checkpoint_every=r.ckpt_every or steps,  # 0: only the last step
                             ema_decay=ema_decay, ema_power=r.ema_power if ema_decay else None,
-                            max_grad_norm=1.0, desc=name)
+                            max_grad_norm=MAX_GRAD_NORM, desc=name)
         with TrainLoop(self.work / name, config, models, optimizer, lr_sched,
                        ema=tuple(models) if ema_decay else (), run_info=run_info) as loop:
             if start := loop.resume():
@@ -269,24 +329,12 @@ class MiniTrainer:
         """Encode pool_size training images once; the denoiser samples from them."""
         r = self.recipe
         path = self.work / POOL
-        ds = ShapesDataset(r.pool_size, seed=r.seed)
         if path.exists():  # resuming: the scenes are enough, no need to render the images again
             latents = load_file(path)["latents"]
             if len(latents) == r.pool_size:
+                ds = ShapesDataset(r.pool_size, seed=r.seed)
                 return latents, [ds.scene(i) for i in range(r.pool_size)]
-        scenes, images = [], []
-        for i in tqdm(range(r.pool_size), desc="pool: render", disable=not PartialState().is_local_main_process):
-            image, _, scene = ds.sample(i)
-            scenes.append(scene)
-            images.append(image)
-        images = np.stack(images)
-        out = []
-        with torch.no_grad():
-            for i in tqdm(range(0, len(images), 256), desc="pool: encode",
-                          disable=not PartialState().is_local_main_process):
-                x = to_tensor(images[i : i + 256])
-                out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
-        latents = torch.cat(out).contiguous()
+        latents, scenes = encode_shapes_pool(vae, r.pool_size, r.seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({"latents": latents}, tmp)
@@ -302,29 +350,18 @@ class MiniTrainer:
         text_encoder = CLIPTextModel(text_config(tokenizer))
         unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
         noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
-        alphas = noise_sched.alphas_cumprod
-        opt = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=r.unet_lr, weight_decay=1e-2)
+        opt = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=r.unet_lr,
+                                weight_decay=DENOISER_WEIGHT_DECAY)
         sched = get_scheduler("cosine", opt, num_warmup_steps=r.unet_warmup, num_training_steps=r.unet_steps)
         style = CaptionStyle()
         log_path = self.work / "denoiser_log.jsonl"
 
         def step_fn(step, unet, text_encoder):
-            rng = np.random.default_rng([r.seed, 3, step])
-            idx = rng.integers(0, len(latents), size=r.unet_batch)
-            captions = ["" if rng.random() < r.p_uncond else caption(scenes[i], rng, style) for i in idx]
-            ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                            return_tensors="pt").input_ids
+            idx, captions = caption_batch(step, r.seed, r.unet_batch, scenes, r.p_uncond, style)
             x0 = latents[torch.from_numpy(idx)]
-            gen = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
-            noisy = noise_sched.add_noise(x0, noise, t)
-            target = noise_sched.get_velocity(x0, noise, t)
-            pred = unet(noisy, t, text_encoder(ids)[0]).sample
-            snr = alphas[t] / (1 - alphas[t])
-            weight = torch.clamp(snr + 1, max=r.min_snr_gamma) / (snr + 1)
-            per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-            return (weight * per_sample).mean()
+            noise, t = noise_draw(x0.shape, r.seed, step, noise_sched.config.num_train_timesteps)
+            return v_loss(unet, x0, noise, t, text_encoder(token_ids(tokenizer, captions))[0], noise_sched,
+                          r.min_snr_gamma)
 
         def on_step(done, ema):
             if r.eval_every and done % r.eval_every == 0:
@@ -339,7 +376,7 @@ class MiniTrainer:
                               "p_uncond", "ema_power", latent_pool_sha256=sha256_file(self.work / POOL),
                               tokenizer_sha256=_folder_sha256(self.mini_dir / "tokenizer"))
         models, ema = self._loop("denoiser", r.unet_steps, {"unet": unet, "text_encoder": text_encoder}, opt, sched,
-                                 step_fn, inputs, ema_decay=0.9995, on_step=on_step)
+                                 step_fn, inputs, ema_decay=DENOISER_EMA_DECAY, on_step=on_step)
         unet, text_encoder = models["unet"], models["text_encoder"]
         ema["unet"].copy_to(unet.parameters())
         ema["text_encoder"].copy_to(text_encoder.parameters())
