@@ -151,7 +151,7 @@ class AsCANUNet2DConditionModel(ModelMixin, ConfigMixin, AsCANTrunk):
         out_channels: int = 4,
         cross_attention_dim: int = 128,
         time_cond_proj_dim: int | None = None,
-        block_out_channels: tuple[int, ...] = (32, 96, 192),
+        block_out_channels: tuple[int, ...] = (32, 64, 144),
         down_layouts: tuple[str, ...] = ("CC", "CT", "TT"),
         mid_layout: str = "T",
         up_layouts: tuple[str, ...] | None = None,
