@@ -277,3 +277,23 @@ def test_a_quantized_class_pipeline_keeps_its_labels(tmp_path, vae):
     assert loaded.labels == pipe.labels
     genfast.save_quantized(loaded, tmp_path / "q2")
     assert load_pipeline(tmp_path / "q2").labels == pipe.labels
+
+
+def test_heldout_class_images_are_each_classes_next_heldout_render():
+    """Image i is the k-th held-out item of its class (k: earlier images of that class in the list): the balanced
+    list reads items 0..n-1, and a repeated list gives a second set of the same classes, disjoint from the first."""
+    from genfast.data.classes import heldout_class_images
+
+    ds = ClassShapesDataset(3 * NUM_CLASSES, seed=HELDOUT_SEED)
+    got = heldout_class_images([23, 0, 23, 0, 23])
+    assert got.dtype == torch.uint8 and got.shape == (5, 3, 64, 64)
+    assert all(np.array_equal(g.permute(1, 2, 0).numpy(), ds.sample(j)[0]) for g, j in zip(got, (23, 0, 47, 24, 71)))
+    labels = eval_class_labels(NUM_CLASSES + 2)
+    both = heldout_class_images(labels + labels)
+    assert all(np.array_equal(both[i].permute(1, 2, 0).numpy(), ds.sample(i)[0]) for i in range(len(labels)))
+    firsts, seconds = both[:len(labels)], both[len(labels):]
+    assert not any(torch.equal(a, b) for a in firsts for b in seconds)
+    with pytest.raises(ValueError, match=f"0..{NUM_CLASSES - 1}"):
+        heldout_class_images([0, NUM_CLASSES])
+    with pytest.raises(ValueError, match="at least one class id"):
+        heldout_class_images([])

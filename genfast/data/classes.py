@@ -33,7 +33,7 @@ from .shapes import (
 )
 
 __all__ = ["HELDOUT_SEED", "NUM_CLASSES", "TRAIN_SEED", "ClassShapesDataset", "class_id", "class_names",
-           "class_of", "class_scene", "eval_class_labels", "id2label", "render_class_batch"]
+           "class_of", "class_scene", "eval_class_labels", "heldout_class_images", "id2label", "render_class_batch"]
 
 TRAIN_SEED = 0
 HELDOUT_SEED = 1  # genfast.eval.prompt_accuracy's (eval imports data, not the reverse)
@@ -127,3 +127,21 @@ def render_class_batch(n: int, seed: int = TRAIN_SEED, start: int = 0) -> tuple[
         images.append(image)
         labels.append(cid)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def heldout_class_images(class_ids) -> torch.Tensor:
+    """Held-out renders (HELDOUT_SEED) of the given classes, uint8 NCHW: image i is the k-th held-out item of
+    class_ids[i]'s class, k counting earlier images of that class in the list. So the balanced list
+    eval_class_labels(n) reads items 0..n-1, and repeating a list (ids + ids) gives a second set of the
+    same classes disjoint from the first (the real-vs-real floor of an FID)."""
+    ids = list(class_ids)
+    if not ids:
+        raise ValueError("heldout_class_images needs at least one class id")
+    seen: dict[int, int] = {}
+    items = []
+    for cid in ids:
+        class_of(cid)  # range check, with the error naming it
+        items.append(int(cid) + NUM_CLASSES * seen.get(int(cid), 0))  # item j has class j % NUM_CLASSES
+        seen[int(cid)] = seen.get(int(cid), 0) + 1
+    ds = ClassShapesDataset(max(items) + 1, seed=HELDOUT_SEED)
+    return torch.from_numpy(np.stack([ds.sample(j)[0] for j in items])).permute(0, 3, 1, 2)

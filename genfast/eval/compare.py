@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.classes import heldout_class_images
 from ..io import atomic_write_text
 from .cost import CallCost, measure_cost
 from .variants import BASELINE, Variant
@@ -339,20 +340,6 @@ def _real_images(num_images: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([ds.sample(i)[0] for i in range(num_images)])).permute(0, 3, 1, 2)
 
 
-def _real_class_images(class_ids: list[int]) -> torch.Tensor:
-    """Held-out renders of the same classes (uint8 NCHW): image i is the k-th held-out item of class i's, k
-    counting earlier images of that class, so the default list (every class in turn) reads items 0..n-1."""
-    from ..data.classes import HELDOUT_SEED, NUM_CLASSES, ClassShapesDataset
-
-    seen: dict[int, int] = {}
-    items = []
-    for cid in class_ids:
-        items.append(cid + NUM_CLASSES * seen.get(cid, 0))  # item j has class j % NUM_CLASSES
-        seen[cid] = seen.get(cid, 0) + 1
-    ds = ClassShapesDataset(max(items) + 1, seed=HELDOUT_SEED)
-    return torch.from_numpy(np.stack([ds.sample(j)[0] for j in items])).permute(0, 3, 1, 2)
-
-
 def _row(variant: Variant, cost: CallCost, base_cost: CallCost, quality: dict, fids: list[dict]) -> dict:
     return {
         "name": variant.name,
@@ -434,7 +421,7 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
     references = {"baseline": feats[BASELINE]}
     real = None
     if classes and judged:  # renders of any list of genfast's classes
-        real = _real_class_images(gen.ids)
+        real = heldout_class_images(gen.ids)
     elif not classes and settings.prompts is None:
         real = _real_images(settings.num_images)
     if real is not None:
