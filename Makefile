@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.genfast-installed
 
-.PHONY: run test lint train-mini bench browser demo
+.PHONY: run test lint train-mini train-backbones bench browser demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,15 @@ lint: $(STAMP)
 
 train-mini: $(STAMP)
 	$(VENV)/bin/genfast train-mini
+
+# the backbone minis (assets/genfast-{dit,lamamba,ascan}-class, genfast-ascan-t2i) and the AsCAN control
+# (outputs/): one recipe each, hours on a 2-core CPU; rerunning a line resumes it from .genfast-train/
+train-backbones: $(STAMP)
+	$(VENV)/bin/genfast train-class --model dit --params 2343606 --half --out assets/genfast-dit-class --work-dir .genfast-train/genfast-dit-class
+	$(VENV)/bin/genfast train-class --model lamamba-mini --half --out assets/genfast-lamamba-class --work-dir .genfast-train/genfast-lamamba-class
+	$(VENV)/bin/genfast train-class --model ascan-mini --half --out assets/genfast-ascan-class --work-dir .genfast-train/genfast-ascan-class
+	$(VENV)/bin/genfast train-class --model ascan-mini-symmetric --half --out outputs/genfast-ascan-symmetric-class --work-dir .genfast-train/genfast-ascan-symmetric-class
+	$(VENV)/bin/genfast train-t2i --model ascan-t2i-mini --half --out assets/genfast-ascan-t2i --work-dir .genfast-train/genfast-ascan-t2i
 
 bench: $(STAMP)
 	$(PY) bench/mini_quality.py

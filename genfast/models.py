@@ -21,10 +21,23 @@ MINI_ASSEMBLED = "genfast-mini-assembled"
 # the student genfast-mini-assembled is (see its model card): what `genfast assemble --preset auto
 # --target-latency 0.7` chose from genfast-mini's analysis
 ASSEMBLED_PLAN = '{"layers_per_block": [1, 1], "mid_block": false, "drop_stages": 1, "down_attention": [false, false]}'
+DIT_CLASS, LAMAMBA_CLASS, ASCAN_CLASS = "genfast-dit-class", "genfast-lamamba-class", "genfast-ascan-class"
+ASCAN_T2I = "genfast-ascan-t2i"
+# the backbone minis: one recipe and budget each (`make train-backbones` runs them all); the DiT is sized to
+# LaMamba mini's 2,343,606 parameters (dit_config picks the nearest of its widths and depths)
+_TRAIN_MODEL = {DIT_CLASS: "train-class --model dit --params 2343606", LAMAMBA_CLASS: "train-class --model lamamba-mini",
+                ASCAN_CLASS: "train-class --model ascan-mini", ASCAN_T2I: "train-t2i --model ascan-t2i-mini"}
 _REBUILT_BY = {MINI: "genfast train-mini", EVALUATOR: "genfast train-mini", HEADS: "genfast train-heads",
                IDENTITY: "genfast train-heads",
                MINI_ASSEMBLED: f"genfast distill --plan '{ASSEMBLED_PLAN}' --steps 675 --batch-size 64 "
-                               f"--no-feature-norm --sas-weight 0 --out assets/{MINI_ASSEMBLED}"}
+                               f"--no-feature-norm --sas-weight 0 --out assets/{MINI_ASSEMBLED}",
+               **{name: f"genfast {cmd} --half --out assets/{name} --work-dir .genfast-train/{name}"
+                  for name, cmd in _TRAIN_MODEL.items()}}
+
+
+def rebuild_command(name: str) -> str:
+    """The command that rebuilds an embedded model's folder (run from the repository's root)."""
+    return _REBUILT_BY.get(name, "genfast train-mini")
 
 
 def asset_path(name: str) -> Path:
@@ -32,7 +45,7 @@ def asset_path(name: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(
             f"embedded model {name!r} not found at {path}. Check out the repository's assets/ folder "
-            f"(or set GENFAST_ASSETS to where it is), or rebuild it with `{_REBUILT_BY.get(name, 'genfast train-mini')}`."
+            f"(or set GENFAST_ASSETS to where it is), or rebuild it with `{rebuild_command(name)}`."
         )
     return path
 

@@ -130,6 +130,22 @@ def test_assemble_tab_shows_teacher_student_and_multi_unet(page):
     _screenshot(page, "assemble")
 
 
+def test_backbones_tab_shows_each_backbone_s_image_and_costs(page, demo_server, tmp_path, monkeypatch):
+    from test_demo_backbones import tiny_backbones
+
+    models, _ = demo_server
+    monkeypatch.setattr(models, "class_pipelines", tiny_backbones(tmp_path, ("DiT", "AsCAN")))
+    _open(page, "Backbones")
+    _set_number(page, "#backbones-steps", 4)
+    page.click("#backbones-run")
+    table = _wait_text(page, "#backbones-numbers", "GFLOPs per image", "AsCAN")
+    assert "DiT" in table and "parameters" in table
+    js = ("() => [...document.querySelectorAll('#backbones-images img')].filter(i => i.complete && "
+          "i.naturalWidth === 256).length")
+    page.wait_for_function(f"() => ({js})() >= 2", timeout=LONG)  # both images, enlarged like the other tabs'
+    _screenshot(page, "backbones")
+
+
 def _head_photos(folder: Path, views: int) -> list[str]:
     from genfast.cli import main
 

@@ -15,7 +15,7 @@ def test_binds_to_localhost_and_names_every_tab_endpoint(demo_server):
     assert url.startswith("http://127.0.0.1:")
     api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)
     endpoints = set(api["named_endpoints"])
-    for tab in ("accelerate", "compare", "quantize", "assemble", "heads"):
+    for tab in ("accelerate", "compare", "quantize", "assemble", "backbones", "heads"):
         assert f"/{tab}" in endpoints and f"/cancel_{tab}" in endpoints
 
 
@@ -125,3 +125,23 @@ def test_heads_endpoint_personalizes_an_embedded_identity(demo_server):
     assert numbers["config"]["steps"] == 1 and numbers["config"]["symmetry"] is False
     assert Path(video["video"] if isinstance(video, dict) else video).is_file()
     assert Path(adapter).name == "heads-adapter.zip" and Path(strip).is_file()
+
+
+def test_backbones_endpoint_returns_each_pipeline_s_image(demo_server, tmp_path, monkeypatch):
+    from test_demo_backbones import direct, direct_pipeline, tiny_backbones
+
+    from genfast.demo.backbones_tab import Backbone
+
+    models, url = demo_server
+    gone = Backbone("LaMamba-Diff", tmp_path / "none", "genfast train-class --model lamamba-mini --out none --half")
+    backbones = tiny_backbones(tmp_path, ("DiT", "AsCAN"))
+    monkeypatch.setattr(models, "class_pipelines", [*backbones, gone])
+    client = Client(url, verbose=False)
+    gallery, table, numbers = client.predict("green star", 3, 4, 4.0, api_name="/backbones")
+    assert [row["name"] for row in numbers["models"]] == ["DiT", "AsCAN"] and len(gallery) == 2
+    for item, backbone in zip(gallery, backbones, strict=True):
+        assert (shrink(item["image"]) == direct(direct_pipeline(backbone.folder), "green star", 3, 4, 4.0)).all()
+    assert numbers["missing"][0]["command"] == gone.command and gone.command in table
+    with pytest.raises(AppError) as err:
+        client.predict("green cat", 3, 4, 4.0, api_name="/backbones")
+    assert "green cat" in str(err.value) and "Traceback" not in str(err.value)

@@ -242,6 +242,8 @@ class DemoModels:
 
     pipeline: a local diffusers pipeline folder, or None for the embedded genfast-mini.
     workers: how many jobs may run on pipelines at once (the queue's concurrency limit).
+    class_pipelines: the Backbones tab's DiTPipeline folders (a list of backbones_tab.Backbone), or None for
+    the embedded ones (assets/genfast-*-class); settable after construction.
     """
 
     def __init__(self, pipeline: str | None = None, device: str = "cpu", workers: int = 2):
@@ -262,6 +264,7 @@ class DemoModels:
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._cache: dict[str, object] = {}
+        self.class_pipelines: list | None = None
 
     def warm_up(self) -> None:
         """One short call per worker: a process's first call pays for allocations no later call pays for,
