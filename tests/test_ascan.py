@@ -483,3 +483,21 @@ def test_int8_weights_close_to_float_and_remove_restores(class_pipe, text_pipe, 
     assert_restored(model, snap)
     assert torch.equal(denoise(), base_eps)
     assert np.array_equal(images(pipe), base_img)
+
+
+def test_genfast_compare_runs_on_the_text_pipeline_and_judges_its_prompts(text_pipe, tmp_path):
+    """`genfast compare --pipeline` on an AsCAN StableDiffusionPipeline folder: feature inheritance and int8
+    rows, and prompt accuracy (it reads genfast-mini's caption grammar, so the evaluator can judge it)."""
+    from genfast.eval.compare import CompareSettings, run_compare
+    from genfast.eval.variants import parse_variants
+    from genfast.methods.feature_inheritance import uniform_schedule
+
+    text_pipe.save_pretrained(tmp_path / "ascan-t2i")
+    settings = CompareSettings(pipeline=str(tmp_path / "ascan-t2i"), num_images=4, steps=6, batch_size=4, runs=1,
+                               feature_space="mini-features", out=str(tmp_path / "out"))
+    report = run_compare(settings, parse_variants(["feature_inheritance:interval=2", "quantize:weights=int8"]))
+    base, fi, q = report["variants"]
+    assert report["pipeline_class"] == "StableDiffusionPipeline" and report["prompt_accuracy"]
+    assert all(set(row["prompt_accuracy"]) >= {"shape", "color"} for row in (base, fi, q))
+    assert fi["latency"]["full_denoiser_calls"] == sum(uniform_schedule(6, 2)) < base["latency"]["denoiser_calls"]
+    assert fi["faithfulness"]["psnr"] < 100 and q["faithfulness"]["psnr"] < 100  # both changed the images

@@ -77,10 +77,20 @@ class CompareSettings:
 # ---------------------------------------------------------------- generation
 
 
-def _is_mini(pipeline: str | None) -> bool:
+def speaks_mini(pipe, pipeline: str | None) -> bool:
+    """Whether the evaluator can judge a text-to-image pipeline's prompts: genfast-mini itself, or a pipeline
+    that reads genfast-mini's caption grammar (its tokenizer's vocabulary: the AsCAN text mini, a quantized or
+    assembled genfast-mini)."""
     from ..models import MINI, asset_path
 
-    return pipeline is None or Path(pipeline).resolve() == asset_path(MINI).resolve()
+    if pipeline is None or Path(pipeline).resolve() == asset_path(MINI).resolve():
+        return True
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return False
+    from transformers import CLIPTokenizer
+
+    return tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(asset_path(MINI) / "tokenizer").get_vocab()
 
 
 def _load(settings: CompareSettings, device):
@@ -399,8 +409,8 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
         prompts = [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]
         settings.prompts_source = f"{len(settings.prompts)} {what} from a file, cycled to {settings.num_images}"
     gen = _ClassGenerator(pipe, prompts, settings) if classes else _Generator(pipe, prompts, settings)
-    # the evaluator judges genfast-mini's prompts and genfast's classes, nothing else
-    judged = genfast_classes(pipe) if classes else _is_mini(settings.pipeline)
+    # the evaluator judges genfast-mini's prompt grammar and genfast's classes, nothing else
+    judged = genfast_classes(pipe) if classes else speaks_mini(pipe, settings.pipeline)
     judges = _Judges.build(settings, feature_space, judged, state.device) if main else None
     out = Path(settings.out)
     images, costs = {}, {}
@@ -456,7 +466,7 @@ def run_compare(settings: CompareSettings, variants: list[Variant]) -> dict | No
         "lpips": {"available": judges.lpips is not None, "note": judges.lpips_note},
         # class accuracy for a class pipeline, prompt accuracy otherwise, as in the rows
         accuracy: (("attribute classifier, shape and colour both right (genfast's classes only)" if classes
-                    else "attribute classifier (genfast-mini only)") if judged else None),
+                    else "attribute classifier (genfast-mini's prompt grammar only)") if judged else None),
         "variants": rows,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
