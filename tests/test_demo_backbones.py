@@ -254,3 +254,21 @@ def test_cancel_stops_only_its_own_session_s_job(dit_only, plain):
 def test_bad_input_is_a_gr_error_naming_the_field(tab, over, message):
     with pytest.raises(gr.Error, match=message):
         run(tab, **over)
+
+
+def test_the_other_tabs_run_on_an_ascan_text_pipeline(tmp_path):
+    """`genfast demo --pipeline` on an AsCAN StableDiffusionPipeline folder: Accelerate skips steps with feature
+    inheritance and Quantize packs its weights, each as on genfast-mini."""
+    from test_ascan import _sd_pipeline, _text_model
+
+    from genfast.demo.accelerate_tab import AccelerateTab
+    from genfast.demo.quantize_tab import QuantizeTab
+
+    _sd_pipeline(_text_model()).save_pretrained(tmp_path / "ascan-t2i")
+    models, jobs = DemoModels(pipeline=str(tmp_path / "ascan-t2i"), workers=1), Jobs()
+    quiet = lambda *a, **k: None  # the progress tracker Gradio would inject
+    n = AccelerateTab(models, jobs).run("a red circle", 0, 6, 5.0, "feature_inheritance:interval=2",
+                                        progress=quiet)[-1]
+    assert n["accelerated"]["full_calls"] == 3 < n["baseline"]["full_calls"] == 6 and n["psnr"] < 100
+    n = QuantizeTab(models, jobs).run("a red circle", 0, 4, 5.0, "int8", "channel", progress=quiet)[-1]
+    assert n["quantized"]["quantized_layers"] > 0 and n["quantized"]["bits_per_weight"] < 16 and n["psnr"] < 100
