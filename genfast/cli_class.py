@@ -49,7 +49,7 @@ def cmd_train_class(args: argparse.Namespace) -> int:
 
 def add_train_class_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train-class", help="train a class-conditional denoiser (DiT, LaMamba-Diff) on the class shapes",
+        "train-class", help="train a class-conditional denoiser (DiT, LaMamba-Diff, AsCAN) on the class shapes",
         description=(
             "Train a class-conditional denoiser on the class-conditional shapes (24 classes: shape x colour) in "
             "genfast-mini's latent space with one recipe for every backbone (v-prediction, min-SNR weight, "

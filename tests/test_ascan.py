@@ -15,24 +15,27 @@ import genfast
 from genfast.backbones import (
     AsCANModel,
     AsCANUNet2DConditionModel,
+    LaMambaDiffModel,
     ascan_class,
     ascan_config,
     build_on_meta,
     count_flops,
     count_params,
+    lamamba_config,
 )
 from genfast.backbones.ascan_blocks import ConvBlock, TransformerBlock
 from genfast.pipelines.blocks import denoiser_kind, transformer_blocks
 from genfast.pipelines.class_conditional import ClassDiT, dit_config, make_pipeline
 from genfast.quant.config import DEFAULT_SKIP
 
-LAMAMBA_MINI_PARAMS = 2_343_606
 # tiny trunks for the 16x16x4 latents of genfast-mini's VAE: both block types at two resolutions
 TRUNK = dict(block_out_channels=[8, 16, 16], down_layouts=["C", "CT", "T"], mid_layout="T", num_attention_heads=2,
              norm_num_groups=4)
 CLASS_TINY = dict(TRUNK, num_classes=24)
 TEXT_TINY = dict(TRUNK, cross_attention_dim=128)
 STEPS = 6  # feature inheritance: uniform interval 3, steps 0 and 3 full, four partial
+# the AsCAN minis are sized to LaMamba mini's parameters
+LAMAMBA_MINI_PARAMS = count_params(build_on_meta(LaMambaDiffModel, **lamamba_config("mini")))
 # the Linear / Conv2d layers int8 leaves in float (DEFAULT_SKIP): stem, time embedding, final layers
 FLOAT_LAYERS = {"stem", "time_embed.linear_1", "time_embed.linear_2", "final_adaLN_modulation.1", "conv_out"}
 
@@ -302,6 +305,7 @@ def test_impossible_text_configs_are_refused(overrides, match):
      "cannot honour down_intrablock_additional_residuals"),
     (dict(added_cond_kwargs={"text_embeds": torch.zeros(2, 8)}), r"cannot honour added_cond_kwargs \(\['text_embeds'\]\)"),
     (dict(timestep_cond=torch.zeros(2, 8)), "timestep_cond was given but this model has time_cond_proj_dim=None"),
+    (dict(cross_attention_kwargs={"scale": 0.5}), r"cannot honour cross_attention_kwargs\['scale'\] \(a LoRA scale\)"),
 ])
 def test_unet_arguments_it_cannot_honour_are_refused(kwargs, match):
     x, t, text = _text_inputs()
@@ -368,7 +372,7 @@ def test_mini_is_asymmetric_and_the_control_is_not(one_thread):
     symmetric = _block_sizes(AsCANModel(**ascan_config("mini-symmetric")))
     assert all(side <= 4 for kind, side in mini if kind == "TransformerBlock")  # attention on 16 tokens only
     assert all(side >= 8 for kind, side in mini if kind == "ConvBlock")
-    mid = symmetric.pop(4)  # encoder 5 blocks, mid, decoder; the mid block is a T in both
+    mid = symmetric.pop(4)  # encoder 4 blocks, mid, decoder; the mid block is a T in both
     assert mid == ("TransformerBlock", 4) and ("TransformerBlock", 4) in mini
     for side in (16, 8, 4):  # the control: as many C as T in every stage (encoder and decoder together)
         kinds = [kind for kind, s in symmetric if s == side]

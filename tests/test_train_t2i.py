@@ -93,8 +93,12 @@ def test_recipe_refuses_bad_and_ineffective_values():
 
 
 def test_model_specs_build_and_bad_ones_are_refused(tmp_path, base):
+    from genfast.models import MINI, asset_path
+
     unet = build_t2i_unet("unet")
-    assert type(unet) is UNet2DConditionModel and unet.config.block_out_channels == (32, 128, 192)
+    mini = UNet2DConditionModel.load_config(asset_path(MINI) / "unet")  # the baseline is genfast-mini's UNet
+    assert type(unet) is UNet2DConditionModel
+    assert all(unet.config[k] == (tuple(v) if isinstance(v, list) else v) for k, v in mini.items() if k[0] != "_")
     check_t2i_unet(unet, base.vae, base.text_encoder)
     tiny_unet().save_config(tmp_path)
     built = build_t2i_unet(str(tmp_path / "config.json"), seed=3)

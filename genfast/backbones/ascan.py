@@ -198,7 +198,8 @@ class AsCANUNet2DConditionModel(ModelMixin, ConfigMixin, AsCANTrunk):
         """Predict the denoising target for latents (B, in_channels, H, W) given text (B, L, cross_attention_dim).
 
         encoder_attention_mask: (B, L), 1 keeps a text token, 0 discards it (as UNet2DConditionModel).
-        cross_attention_kwargs go to the attention processors. Returns UNet2DConditionOutput(sample=...).
+        cross_attention_kwargs go to the attention processors (a LoRA 'scale' is refused: there are no LoRA
+        layers). Returns UNet2DConditionOutput(sample=...).
         """
         unsupported = {
             "class_labels": "it has no class embedding (use AsCANModel for class-conditional generation)",
@@ -218,6 +219,9 @@ class AsCANUNet2DConditionModel(ModelMixin, ConfigMixin, AsCANTrunk):
         if added_cond_kwargs:
             raise ValueError(f"{type(self).__name__} cannot honour added_cond_kwargs ({sorted(added_cond_kwargs)}): it "
                              f"has no added conditioning (SDXL time ids, IP-Adapter image embeds); pass None")
+        if cross_attention_kwargs and "scale" in cross_attention_kwargs:  # the processors would drop it with a log line
+            raise ValueError(f"{type(self).__name__} cannot honour cross_attention_kwargs['scale'] (a LoRA scale): it "
+                             f"has no LoRA layers (no peft adapter support); drop 'scale'")
         if timestep_cond is not None and self.config.time_cond_proj_dim is None:
             raise ValueError("timestep_cond was given but this model has time_cond_proj_dim=None: build it with "
                              "time_cond_proj_dim set, or pass timestep_cond=None")

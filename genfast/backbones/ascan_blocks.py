@@ -14,13 +14,13 @@ genfast's choice, made for a small CPU-trainable diffusion model:
     (GELU), gate -- with, in the text model only, an ungated LayerNorm -> cross-attention residual
     between the two (as diffusers' BasicTransformerBlock); its output projection is zero-initialised
     so the fresh block is still the identity. Attention is diffusers' `Attention`, so attention
-    processors (SDPA by default, LoRA scales through cross_attention_kwargs) apply.
+    processors (SDPA by default) apply; there is no LoRA / peft adapter support.
   * One tensor convention: NCHW between blocks; a T block flattens to tokens and back.
   * No position embedding: the stem and the C blocks' zero-padded 3x3 convolutions give position,
     as in convolutional U-Nets.
   * Resampling: a 2x2 stride-2 conv down (patch merging), a 1x1 conv + pixel shuffle up.
   * Skips are added (not concatenated): the encoder output of each stage is added to the decoder's
-    input at the same resolution (as LaMamba-Diff and U-ViT-style models do); it costs no parameters,
+    input at the same resolution (as LaMamba-Diff does; U-ViT concatenates and projects); it costs no parameters,
     which go to the blocks instead.
 """
 

@@ -35,6 +35,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from ..data.shapes import CaptionStyle, ShapesDataset
 from ..io import atomic_dir, atomic_write_text
 from .checkpoint import state_hash
+from .class_cond import _trim_log  # the same log, the same resume rule
 from .loop import MIXED_PRECISION, LoopConfig, TrainLoop, WorkDirLock
 from .mini import (
     DENOISER_EMA_DECAY,
@@ -373,13 +374,6 @@ def train_t2i(unet: torch.nn.Module, work_dir: str | os.PathLike, recipe: T2IRec
                 p.requires_grad_(flags[n])
     unet.eval()
     return unet, finished
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint a run resumes from (they will be written again)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def _pipeline(base, unet) -> StableDiffusionPipeline:
