@@ -26,7 +26,7 @@ quality  per class-conditional pipeline folder present (assets/genfast-{dit,lama
          floor. With fewer images than the 256 feature dimensions FID is regularised (genfast.eval.fid).
 t2i      AsCAN's text-to-image mini (AsCANUNet2DConditionModel; assets/genfast-ascan-t2i's when present, else
          ascan_config("t2i-mini") untrained) against genfast-mini's UNet2DConditionModel: parameters,
-         GFLOPs per image and per classifier-free-guidance call (batch 2, 32 text tokens), CPU latency of
+         GFLOPs per forward on one image and per classifier-free-guidance call (batch 2, 32 text tokens), CPU latency of
          that call at 16x16 latents, interleaved. When assets/genfast-ascan-t2i exists, both
          StableDiffusionPipelines on the same --num-images held-out prompts and seeds (bench/mini_quality.py's:
          image i has seed i; steps 25 and guidance 5 unless given): prompt accuracy, and the latency of
@@ -120,7 +120,7 @@ def counts() -> dict:
         rows[name][f"gflops_vs_{REFERENCE}"] = _ratios(rows[name]["gflops"], rows[REFERENCE]["gflops"])
     for name, row in rows.items():
         vs = f"; x{row[f'gflops_vs_{REFERENCE}'][0]:.2f} {REFERENCE}'s" if f"gflops_vs_{REFERENCE}" in row else ""
-        print(f"{name:21s} {row['params']:>11,d} params; GFLOPs/image at latents {tuple(row['latents'])}: "
+        print(f"{name:21s} {row['params']:>11,d} params; GFLOPs/forward at latents {tuple(row['latents'])}: "
               + ", ".join(f"{g:.3f}" for g in row["gflops"])
               + f"; x{row['growth_4x_tokens']:.2f} for 4x tokens, x{row['growth_16x_tokens']:.2f} for 16x{vs}")
     return rows
@@ -297,7 +297,7 @@ def t2i(repeats: int, num_images: int, steps: int, guidance: float) -> dict:
     other = "genfast-mini-unet"
     denoisers = _t2i_denoisers()
     rows = {name: {"model": type(m).__name__, "weights": source, "params": count_params(m),
-                   "gflops_per_image": count_flops(m, batch=1, text_length=TEXT_TOKENS),
+                   "gflops_per_forward": count_flops(m, batch=1, text_length=TEXT_TOKENS),
                    "gflops_per_cfg_call": count_flops(m, batch=T2I_BATCH, text_length=TEXT_TOKENS)}
             for name, (m, source) in denoisers.items()}
     calls = {}
@@ -311,8 +311,8 @@ def t2i(repeats: int, num_images: int, steps: int, guidance: float) -> dict:
     for name, row in rows.items():
         row["seconds_per_cfg_call"] = med[name]
         row[f"seconds_vs_{other}"] = med[name] / med[other]
-        row[f"gflops_vs_{other}"] = row["gflops_per_image"] / rows[other]["gflops_per_image"]
-        print(f"{name:21s} {row['params']:>11,d} params, {row['gflops_per_image']:.3f} GFLOPs/image; one CFG call "
+        row[f"gflops_vs_{other}"] = row["gflops_per_forward"] / rows[other]["gflops_per_forward"]
+        print(f"{name:21s} {row['params']:>11,d} params, {row['gflops_per_forward']:.3f} GFLOPs/forward; one CFG call "
               f"(batch {T2I_BATCH}, latent 16, {TEXT_TOKENS} text tokens) {med[name]:.4f} s, "
               f"x{row[f'seconds_vs_{other}']:.2f} {other}'s  [{row['weights']}]")
     result = {"latent": 16, "batch": T2I_BATCH, "text_tokens": TEXT_TOKENS, "repeats": repeats,
@@ -365,8 +365,8 @@ def plot(result: dict, path: Path) -> None:
     panels = []  # (title, [(model, label, latents, values, line style)])
     if "counts" in result:
         rows = result["counts"]
-        for title, sizes in (("XL, GFLOPs per image (fvcore convention)", XL_LATENTS),
-                             ("minis, GFLOPs per image", MINI_LATENTS)):
+        for title, sizes in (("XL, GFLOPs per forward (fvcore convention)", XL_LATENTS),
+                             ("minis, GFLOPs per forward", MINI_LATENTS)):
             panels.append((title, [(name, name, row["latents"], row["gflops"], "o-") for name, row in rows.items()
                                    if row["latents"] == list(sizes)]))
     if "latency" in result:

@@ -35,9 +35,19 @@ _REBUILT_BY = {MINI: "genfast train-mini", EVALUATOR: "genfast train-mini", HEAD
                   for name, cmd in _TRAIN_MODEL.items()}}
 
 
+def shown_path(path: Path) -> str:
+    """A path as a user would type it here: relative to the working folder when it is under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def rebuild_command(name: str) -> str:
-    """The command that rebuilds an embedded model's folder (run from the repository's root)."""
-    return _REBUILT_BY.get(name, "genfast train-mini")
+    """The command that rebuilds an embedded model's folder, writing it where genfast looks for it (ASSETS,
+    which GENFAST_ASSETS moves): from the repository's root, the command `make train-backbones` runs."""
+    return _REBUILT_BY.get(name, "genfast train-mini").replace(f"--out assets/{name}",
+                                                                f"--out {shown_path(ASSETS / name)}")
 
 
 def asset_path(name: str) -> Path:

@@ -157,9 +157,10 @@ def test_the_default_build_commands_are_genfast_train_class_commands(monkeypatch
     for backbone, spec in zip(defaults, ("dit", "lamamba-mini", "ascan-mini"), strict=True):
         args = build_parser().parse_args(shlex.split(backbone.command)[1:])  # argparse exits on an unknown option
         assert args.func.__name__ == "cmd_train_class" and args.model == spec and args.half
-        assert backbone.folder == tmp_path / Path(args.out).name
-        assert Path(args.out).name == f"genfast-{backbone.name.split('-')[0].lower()}-class"
-        assert f"$(VENV)/bin/{backbone.command}\n" in makefile
+        assert Path(args.out) == backbone.folder == tmp_path / f"genfast-{backbone.name.split('-')[0].lower()}-class"
+        # the same command as `make train-backbones` runs, but writing where the tab looks (ASSETS)
+        in_repo = backbone.command.replace(f"--out {tmp_path}/", "--out assets/")
+        assert f"$(VENV)/bin/{in_repo}\n" in makefile
     lamamba_mini = count_params(build_on_meta(LaMambaDiffModel, **lamamba_config("mini")))
     assert build_parser().parse_args(shlex.split(defaults[0].command)[1:]).params == lamamba_mini  # equal sizes
 

@@ -59,14 +59,6 @@ class Backbone:
     command: str
 
 
-def _shown(path: Path) -> str:
-    """A path as a user would type it here: relative to the working folder when it is under it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def default_backbones() -> list[Backbone]:
     """The embedded class-conditional pipelines (assets/genfast-{dit,lamamba,ascan}-class), trained with one
     recipe and budget at equal parameters."""
@@ -91,7 +83,9 @@ def check_class(label) -> str:
 
 
 def missing_note(missing: list[Backbone]) -> str:
-    lines = [f"- **{b.name}** (`{_shown(Path(b.folder))}`): `{b.command}`" for b in missing]
+    from ..models import shown_path
+
+    lines = [f"- **{b.name}** (`{shown_path(Path(b.folder))}`): `{b.command}`" for b in missing]
     return "\n".join(["Not built yet (build with the command, then run again):", *lines]) if lines else ""
 
 
