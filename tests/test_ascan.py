@@ -403,6 +403,14 @@ def test_t2i_mini_is_smaller_and_cheaper_than_genfast_minis_unet():
         count_flops(build_on_meta(AsCANModel, **ascan_config("mini")), text_length=77)
 
 
+def test_count_flops_refuses_a_text_length_below_one_or_not_an_int():
+    ascan = build_on_meta(AsCANUNet2DConditionModel, **ascan_config("t2i-mini"))
+    assert count_flops(ascan, text_length=32) == count_flops(ascan)  # None means genfast-mini's 32 tokens
+    for bad in (0, -3, 2.5, True, "77"):
+        with pytest.raises(ValueError, match=r"text_length must be an int >= 1 .*got"):
+            count_flops(ascan, text_length=bad)
+
+
 def test_build_denoiser_builds_the_named_class_models(tmp_path, one_thread):
     from genfast.training.class_cond import build_denoiser, check_denoiser
 

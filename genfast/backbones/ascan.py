@@ -23,16 +23,12 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from torch import nn
 
-from .ascan_blocks import AsCANTrunk, check_trunk, timesteps_for
-
-DIT_NULL_CLASS = 1000  # the id DiTPipeline hard-codes for the unconditional half
-FREQ_DIM = 256  # DiT's sinusoidal timestep features
+from .ascan_blocks import AsCANTrunk, check_trunk
+from .common import DIT_NULL_CLASS, class_condition, timesteps_for
 
 
 class AsCANModel(ModelMixin, ConfigMixin, AsCANTrunk):
@@ -80,30 +76,7 @@ class AsCANModel(ModelMixin, ConfigMixin, AsCANTrunk):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= DIT_NULL_CLASS:
             raise ValueError(f"num_classes must be an int in 1..{DIT_NULL_CLASS} (DiTPipeline sends id "
                              f"{DIT_NULL_CLASS} for the null class); got {num_classes!r}")
-        emb_dim = block_out_channels[-1]
-        self.gradient_checkpointing = False
-        self.time_proj = Timesteps(FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)  # [cos, sin] as DiT
-        self.time_embed = TimestepEmbedding(FREQ_DIM, emb_dim)
-        self.class_embed = nn.Embedding(num_classes + 1, emb_dim)
-        self._build_trunk(cfg, emb_dim)
-        self._init_trunk()
-        with torch.no_grad():  # DiT's embedder initialisation
-            nn.init.normal_(self.class_embed.weight, std=0.02)
-            nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
-            nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
-
-    def _class_rows(self, class_labels, batch: int, device) -> torch.Tensor:
-        k = self.config.num_classes
-        if class_labels is None:
-            raise ValueError(f"class_labels is required (class ids 0..{k - 1}); pass {k} or "
-                             f"{DIT_NULL_CLASS} for the null (unconditional) class")
-        from ..pipelines.class_conditional import map_null_labels  # the one contract of every class denoiser
-
-        labels = map_null_labels(torch.as_tensor(class_labels, device=device), k)
-        labels = labels.expand(batch) if labels.numel() == 1 else labels
-        if labels.shape[0] != batch:
-            raise ValueError(f"class_labels has {labels.shape[0]} ids for a batch of {batch}")
-        return labels
+        self._build(cfg, num_classes=num_classes)
 
     def forward(
         self,
@@ -117,11 +90,7 @@ class AsCANModel(ModelMixin, ConfigMixin, AsCANTrunk):
         timestep: a scalar or (B,); class_labels: (B,) ids, with num_classes or 1000 for the null class.
         Returns Transformer2DModelOutput(sample=(B, out_channels, H, W)), or a 1-tuple.
         """
-        b, device = hidden_states.shape[0], hidden_states.device
-        t = timesteps_for(timestep, b, device)
-        emb = self.time_embed(self.time_proj(t).to(self.dtype)) + self.class_embed(self._class_rows(class_labels, b,
-                                                                                                     device))
-        sample = self._trunk(hidden_states, emb)
+        sample = self._trunk(hidden_states, class_condition(self, hidden_states, timestep, class_labels))
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
 
@@ -169,15 +138,7 @@ class AsCANUNet2DConditionModel(ModelMixin, ConfigMixin, AsCANTrunk):
                     (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{field} must be a positive int{' or None' if field != 'cross_attention_dim' else ''}"
                                  f"; got {value!r}")
-        emb_dim = block_out_channels[-1]
-        self.gradient_checkpointing = False
-        self.time_proj = Timesteps(FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embed = TimestepEmbedding(FREQ_DIM, emb_dim, cond_proj_dim=time_cond_proj_dim)
-        self._build_trunk(cfg, emb_dim, cross_attention_dim)
-        self._init_trunk()
-        with torch.no_grad():
-            nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
-            nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
+        self._build(cfg, cross_attention_dim=cross_attention_dim, time_cond_proj_dim=time_cond_proj_dim)
 
     def forward(
         self,

@@ -29,7 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
+
+from .common import FREQ_DIM, Stage, stage_heads
 
 LETTERS = ("C", "T")
 
@@ -112,19 +115,6 @@ class Upsample(nn.Module):
         return F.pixel_shuffle(self.conv(x), 2)
 
 
-class Stage(nn.Module):
-    """The blocks at one resolution, with the resampling after (encoder) or before (decoder) them."""
-
-    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None = None):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.resample = resample
-
-
-def stage_heads(num_heads, n: int) -> list[int]:
-    return [num_heads] * n if isinstance(num_heads, int) else list(num_heads)
-
-
 def mirrored(down_layouts) -> list[str]:
     """The decoder's default layouts: each encoder stage's letters in reverse order."""
     return [layout[::-1] for layout in down_layouts]
@@ -183,6 +173,25 @@ class AsCANTrunk:
     """The U-Net both AsCAN models share (a mixin for a ModelMixin): stem conv -> encoder stages (blocks,
     then a downsample, but after the last) -> mid blocks -> decoder stages (upsample, add the encoder's
     skip, blocks) -> GroupNorm + adaLN shift/scale -> SiLU -> 3x3 output conv."""
+
+    def _build(self, cfg: dict, num_classes: int | None = None, cross_attention_dim: int | None = None,
+               time_cond_proj_dim: int | None = None) -> None:
+        """Everything a model is made of, initialised: the time embedding (DiT's 256-d sinusoid, then an MLP
+        to the lowest-resolution width), a label table of num_classes + 1 rows when num_classes is given,
+        the trunk (cross-attending to text of width cross_attention_dim when given)."""
+        emb_dim = cfg["block_out_channels"][-1]
+        self.gradient_checkpointing = False
+        self.time_proj = Timesteps(FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)  # [cos, sin] as DiT
+        self.time_embed = TimestepEmbedding(FREQ_DIM, emb_dim, cond_proj_dim=time_cond_proj_dim)
+        if num_classes is not None:
+            self.class_embed = nn.Embedding(num_classes + 1, emb_dim)
+        self._build_trunk(cfg, emb_dim, cross_attention_dim)
+        self._init_trunk()
+        with torch.no_grad():  # DiT's embedder initialisation (the label table first: the RNG order is fixed)
+            if num_classes is not None:
+                nn.init.normal_(self.class_embed.weight, std=0.02)
+            nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
+            nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
 
     def _build_trunk(self, cfg: dict, emb_dim: int, cross_attention_dim: int | None = None) -> None:
         widths, n = list(cfg["block_out_channels"]), len(cfg["block_out_channels"])
@@ -263,15 +272,3 @@ class AsCANTrunk:
         shift, scale = self.final_adaLN_modulation(emb)[:, :, None, None].chunk(2, dim=1)
         x = self.final_norm(x) * (1 + scale) + shift
         return self.conv_out(F.silu(x))
-
-
-def timesteps_for(timestep, batch: int, device) -> torch.Tensor:
-    """A scalar or (B,) timestep as (B,)."""
-    if timestep is None:
-        raise ValueError("timestep is required")
-    t = torch.as_tensor(timestep, device=device)
-    if t.numel() == 1:
-        return t.reshape(1).expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"timestep must be a scalar or have shape ({batch},); got {tuple(t.shape)}")
-    return t

@@ -148,6 +148,10 @@ def count_flops(model: torch.nn.Module, batch: int = 1, sample_size: int | None 
     if text_length is not None and not text:
         raise ValueError(f"text_length applies to text-conditional models (with cross_attention_dim); "
                          f"{type(model).__name__} reads no text: drop it")
+    if text_length is not None and (isinstance(text_length, bool) or not isinstance(text_length, int)
+                                    or text_length < 1):
+        raise ValueError(f"text_length must be an int >= 1 (text tokens per prompt) or None for 32; "
+                         f"got {text_length!r}")
     if sample_size is not None:
         config["sample_size"] = sample_size
     size, channels = config["sample_size"], config["in_channels"]
@@ -156,7 +160,8 @@ def count_flops(model: torch.nn.Module, batch: int = 1, sample_size: int | None 
         x = torch.empty(batch, channels, size, size)
         t = torch.zeros(batch, dtype=torch.long)
         if text:
-            cond = {"encoder_hidden_states": torch.empty(batch, text_length or 32, config["cross_attention_dim"])}
+            tokens = 32 if text_length is None else text_length
+            cond = {"encoder_hidden_states": torch.empty(batch, tokens, config["cross_attention_dim"])}
         else:
             cond = {"class_labels": torch.zeros(batch, dtype=torch.long)}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -34,9 +34,9 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .common import DIT_NULL_CLASS, FREQ_DIM, Stage, class_condition, stage_heads
 from .scan import check_backend, selective_scan
 
-DIT_NULL_CLASS = 1000  # the id DiTPipeline hard-codes for the unconditional half
 K_SCANS = 4
 _MASKED = -100.0  # added to attention logits across shifted-window seams; exp(-100) is 0 in practice
 
@@ -261,19 +261,6 @@ class PatchExpanding(nn.Module):
         return self.norm(x)
 
 
-class Stage(nn.Module):
-    """The blocks at one resolution, with the resampling after (encoder) or before (decoder) them."""
-
-    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None = None):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.resample = resample
-
-
-def _stage_heads(num_heads, n_stages: int) -> list[int]:
-    return [num_heads] * n_stages if isinstance(num_heads, int) else list(num_heads)
-
-
 def _check_config(cfg: dict) -> None:
     """Refuse a configuration the layout cannot build, naming the field and the fix."""
     dims, depths, n = list(cfg["dims"]), list(cfg["depths"]), len(cfg["dims"])
@@ -289,7 +276,7 @@ def _check_config(cfg: dict) -> None:
     heads = cfg["num_heads"]
     if not isinstance(heads, int) and len(heads) != n:
         raise ValueError(f"num_heads must be an int or one per stage ({n}); got {heads}")
-    for dim, h in zip(dims, _stage_heads(heads, n)):
+    for dim, h in zip(dims, stage_heads(heads, n)):
         if h < 1 or dim % h:
             raise ValueError(f"num_heads must divide every stage width: {dim} % {h} != 0 (num_heads={heads})")
     if not 1 <= cfg["num_classes"] <= DIT_NULL_CLASS:
@@ -365,7 +352,7 @@ class LaMambaDiffModel(ModelMixin, ConfigMixin):
         super().__init__()
         _check_config(dict(self.config))
         dims, depths, n = list(dims), list(depths), len(dims)
-        heads = _stage_heads(num_heads, n)
+        heads = stage_heads(num_heads, n)
         cond_dim = dims[-1]
         grid = sample_size // patch_size
         self.gradient_checkpointing = False
@@ -377,8 +364,8 @@ class LaMambaDiffModel(ModelMixin, ConfigMixin):
                 ssm_ratio=ssm_ratio, dt_rank=dt_rank, scan_backend=scan_backend, project_condition=project,
             )
 
-        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)  # [cos, sin] as DiT
-        self.time_embed = TimestepEmbedding(256, cond_dim)
+        self.time_proj = Timesteps(FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)  # [cos, sin] as DiT
+        self.time_embed = TimestepEmbedding(FREQ_DIM, cond_dim)
         self.class_embed = nn.Embedding(num_classes + 1, cond_dim)
 
         self.stem = nn.Conv2d(in_channels, dims[0], kernel_size=patch_size, stride=patch_size)
@@ -445,29 +432,6 @@ class LaMambaDiffModel(ModelMixin, ConfigMixin):
                 module.scan_backend = backend
         self.register_to_config(scan_backend=backend)
 
-    def _class_rows(self, class_labels, batch: int, device) -> torch.Tensor:
-        k = self.config.num_classes
-        if class_labels is None:
-            raise ValueError(f"class_labels is required (class ids 0..{k - 1}); pass {k} or "
-                             f"{DIT_NULL_CLASS} for the null (unconditional) class")
-        from ..pipelines.class_conditional import map_null_labels  # the one contract of every class denoiser
-
-        labels = map_null_labels(torch.as_tensor(class_labels, device=device), k)
-        labels = labels.expand(batch) if labels.numel() == 1 else labels
-        if labels.shape[0] != batch:
-            raise ValueError(f"class_labels has {labels.shape[0]} ids for a batch of {batch}")
-        return labels
-
-    def _timesteps(self, timestep, batch: int, device) -> torch.Tensor:
-        if timestep is None:
-            raise ValueError("timestep is required")
-        t = torch.as_tensor(timestep, device=device)
-        if t.numel() == 1:
-            return t.reshape(1).expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"timestep must be a scalar or have shape ({batch},); got {tuple(t.shape)}")
-        return t
-
     def _run(self, block: LaMambaBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, x, c)
@@ -486,14 +450,11 @@ class LaMambaDiffModel(ModelMixin, ConfigMixin):
         Returns Transformer2DModelOutput(sample=(B, out_channels, S, S)), or a 1-tuple.
         """
         cfg = self.config
-        b, channels, h, w = hidden_states.shape
+        _, channels, h, w = hidden_states.shape
         if channels != cfg.in_channels or h != cfg.sample_size or w != cfg.sample_size:
             raise ValueError(f"hidden_states must be (B, {cfg.in_channels}, {cfg.sample_size}, {cfg.sample_size}) "
                              f"(in_channels, sample_size); got {tuple(hidden_states.shape)}")
-        device = hidden_states.device
-        t = self._timesteps(timestep, b, device)
-        rows = self._class_rows(class_labels, b, device)
-        c = self.time_embed(self.time_proj(t).to(self.dtype)) + self.class_embed(rows)
+        c = class_condition(self, hidden_states, timestep, class_labels)
 
         x = self.stem_norm(self.stem(hidden_states).permute(0, 2, 3, 1)) + self.pos_embed
         skips = []
