@@ -196,6 +196,25 @@ def test_tiny_dit_trains_saves_and_samples_by_label_name(tmp_path, vae):
     assert info["parameters"] == count_parameters(model) and info["recipe"]["steps"] == recipe.steps
 
 
+def test_latent_pool_is_read_back_only_under_the_same_data_and_vae(tmp_path, vae):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from genfast.training.class_cond import latent_pool
+
+    recipe = ClassCondRecipe.tiny(pool_size=4)
+    first = latent_pool(vae, recipe, tmp_path)
+    path = tmp_path / "latent_pool.safetensors"
+    with safe_open(str(path), "pt") as f:
+        key = f.metadata()["key"]
+    save_file({"latents": torch.zeros_like(first)}, str(path), metadata={"key": key})  # a marker under the key
+    assert torch.equal(latent_pool(vae, recipe, tmp_path), torch.zeros_like(first))  # read back, not re-encoded
+    other = dataclasses.replace(recipe, seed=1)  # other data: encoded again, and stored under its own key
+    assert torch.equal(latent_pool(vae, other, tmp_path / "fresh"), latent_pool(vae, other, tmp_path))
+    assert not torch.equal(latent_pool(vae, other, tmp_path), torch.zeros_like(first))
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["latent_pool.safetensors"]  # no temp file left
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, vae, stop_after):
     recipe = ClassCondRecipe.tiny(steps=4)
     straight, _ = train_class_conditional(tiny_dit(), tmp_path / "a", recipe, vae=vae, progress=False,

@@ -130,6 +130,28 @@ def test_ascan_specs_build_the_text_model_only():
         build_t2i_unet("ascan-huge")
 
 
+def test_cross_attention_dim_applies_to_every_spec_or_is_refused(tmp_path):
+    text = torch.zeros(1, 3, 64)
+    for spec in ("unet", "ascan-t2i-mini"):
+        model = build_t2i_unet(spec, cross_attention_dim=64)
+        assert model.config.cross_attention_dim == 64
+        assert model(torch.zeros(1, 4, 16, 16), torch.tensor([10]), text).sample.shape == (1, 4, 16, 16)
+        # the spec's own width (genfast-mini's 128) when unset, with the same initial weights
+        assert_same_state(clone_state(build_t2i_unet(spec, seed=1)), build_t2i_unet(spec, seed=1,
+                                                                                     cross_attention_dim=128))
+    # a config.json: the width fills in where the file leaves it out, and must agree where it sets one
+    config = {"_class_name": "AsCANUNet2DConditionModel", "block_out_channels": [16, 32],
+              "down_layouts": ["C", "CT"], "mid_layout": "T", "num_attention_heads": 2, "norm_num_groups": 8}
+    (tmp_path / "ascan.json").write_text(json.dumps(config))
+    assert build_t2i_unet(str(tmp_path / "ascan.json"), cross_attention_dim=64).config.cross_attention_dim == 64
+    tiny_unet().save_config(tmp_path)  # sets 128
+    assert build_t2i_unet(str(tmp_path / "config.json"), cross_attention_dim=128).config.cross_attention_dim == 128
+    with pytest.raises(ValueError, match=r"sets cross_attention_dim=128, but cross_attention_dim=64 was asked for"):
+        build_t2i_unet(str(tmp_path / "config.json"), cross_attention_dim=64)
+    with pytest.raises(ValueError, match="cross_attention_dim must be a positive int"):
+        build_t2i_unet("ascan-t2i-mini", cross_attention_dim=0)
+
+
 # ---------------------------------------------------------------- training
 
 

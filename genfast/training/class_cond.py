@@ -17,6 +17,8 @@ resume, EMA). What it does:
     the learning rate (linear warmup, cosine decay) of the step: resume is exact;
   * the result: a DiTPipeline folder (genfast.pipelines.class_conditional.make_pipeline) written
     atomically, with the EMA weights when ema_decay is set, and training.json.
+The run around the loss (lock, resume, log, evaluation, EMA) is shared with train-t2i:
+genfast.training.recipe_common.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,20 +37,16 @@ from diffusers import DDPMScheduler
 
 from ..data.classes import NUM_CLASSES, ClassShapesDataset
 from ..data.shapes import to_tensor
-from ..io import atomic_dir, atomic_write_text
 from .checkpoint import state_hash
-from .loop import MIXED_PRECISION, LoopConfig, TrainLoop, WorkDirLock
+from .loop import TrainLoop
 from .mini import NOISE_SCHEDULE
+from .recipe_common import PoolCache, RecipeChecks, run_recipe, write_pipeline
 
 __all__ = ["ClassCondRecipe", "build_denoiser", "check_denoiser", "save_class_pipeline", "train_class_conditional"]
 
-POOL_NAME = "latent_pool.safetensors"
-LOG_NAME = "train_log.jsonl"
-_RUN_CONTROL = ("checkpoint_every", "max_minutes", "cpu", "eval_every", "eval_images")  # not part of the result
-
 
 @dataclass
-class ClassCondRecipe:
+class ClassCondRecipe(RecipeChecks):
     """Every number that decides a class-conditional training run (validated; ValueError names the field).
 
     ema_decay None: no EMA (ema_power then has no effect and is refused). min_snr_gamma None: plain MSE.
@@ -75,49 +73,8 @@ class ClassCondRecipe:
     eval_every: int = 0
     eval_images: int | None = None  # default 48 (with eval_every)
 
-    def __post_init__(self):
-        def integer(name, low):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"ClassCondRecipe.{name} must be an integer >= {low}, got {value!r}")
-
-        def number(name, ok, what):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise ValueError(f"ClassCondRecipe.{name} must be {what}, got {value!r}")
-
-        for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("pool_size", 1), ("seed", 0),
-                          ("checkpoint_every", 1), ("eval_every", 0)):
-            integer(name, low)
-        number("lr", lambda v: v > 0, "> 0")
-        number("weight_decay", lambda v: v >= 0, ">= 0")
-        number("label_dropout", lambda v: 0 <= v < 1, "in [0, 1) (the chance a label is replaced by the null class)")
-        for name in ("min_snr_gamma", "max_grad_norm", "max_minutes"):
-            if getattr(self, name) is not None:
-                number(name, lambda v: v > 0, "None or > 0")
-        if self.ema_decay is not None:
-            number("ema_decay", lambda v: 0 < v < 1, "None or in (0, 1)")
-        if self.ema_power is not None:
-            if self.ema_decay is None:
-                raise ValueError("ClassCondRecipe.ema_power has no effect without ema_decay: set ema_decay in (0, 1) "
-                                 "or ema_power=None")
-            number("ema_power", lambda v: v > 0, "None or > 0")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"ClassCondRecipe.mixed_precision must be one of {MIXED_PRECISION}, "
-                             f"got {self.mixed_precision!r}")
-        if self.eval_images is not None:
-            if not self.eval_every:
-                raise ValueError("ClassCondRecipe.eval_images has no effect with eval_every=0: set eval_every > 0")
-            integer("eval_images", 1)
-
-    @classmethod
-    def tiny(cls, **changes) -> ClassCondRecipe:
-        """A few steps on a small pool: checks the whole path in seconds (tests, smoke runs)."""
-        return cls(**{"steps": 3, "batch_size": 4, "warmup": 1, "pool_size": 16, "checkpoint_every": 2,
-                      "ema_decay": 0.9, "ema_power": None, **changes})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    _CHANCE = ("label_dropout", "the chance a label is replaced by the null class")
+    _GAMMA_OPTIONAL = True  # None: plain MSE
 
 
 # ---------------------------------------------------------------- models
@@ -225,21 +182,9 @@ def _encode_pool(vae, recipe: ClassCondRecipe, device) -> torch.Tensor:
 def latent_pool(vae, recipe: ClassCondRecipe, work_dir: Path, device="cpu") -> torch.Tensor:
     """The pool's scaled latents (item i has class i % NUM_CLASSES), cached in `work_dir` under a key of
     the data and the VAE's weights."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    path = work_dir / POOL_NAME
-    key = json.dumps({"pool_size": recipe.pool_size, "seed": recipe.seed, "vae": state_hash(vae)}, sort_keys=True)
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return load_file(str(path))["latents"]
-    latents = _encode_pool(vae, recipe, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"latents": latents}, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
-    return latents
+    cache = PoolCache(work_dir, recipe, vae)
+    latents = cache.load()
+    return latents if latents is not None else cache.save(_encode_pool(vae, recipe, device))
 
 
 def batch_at(recipe: ClassCondRecipe, step: int, pool_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,14 +208,6 @@ def lr_factor(recipe: ClassCondRecipe, step: int) -> float:
 
 # ---------------------------------------------------------------- training
 
-def _run_info(recipe: ClassCondRecipe, model, vae) -> dict:
-    return {"recipe": {k: v for k, v in recipe.to_dict().items() if k not in _RUN_CONTROL},
-            "model": type(model).__name__,
-            "model_config": json.loads(json.dumps({k: v for k, v in dict(model.config).items()
-                                                   if not k.startswith("_")}, default=str)),
-            "vae": state_hash(vae), "noise_schedule": NOISE_SCHEDULE}
-
-
 def train_class_conditional(model: torch.nn.Module, work_dir: str | os.PathLike, recipe: ClassCondRecipe | None = None,
                             vae=None, progress: bool = True, log=print) -> tuple[torch.nn.Module, bool]:
     """Train `model` (in place) on the class shapes; returns (model, finished).
@@ -285,35 +222,17 @@ def train_class_conditional(model: torch.nn.Module, work_dir: str | os.PathLike,
     latent_size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
     check_denoiser(model, vae.config.latent_channels, latent_size)
     in_ch = model.config.in_channels
-    work = Path(work_dir)
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
     alphas = noise_sched.alphas_cumprod
-    lock = WorkDirLock(work)
-    loop = None
-    try:
-        model.requires_grad_(True).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-        config = LoopConfig(steps=recipe.steps, checkpoint_every=recipe.checkpoint_every,
-                            max_minutes=recipe.max_minutes, mixed_precision=recipe.mixed_precision,
-                            ema_decay=recipe.ema_decay, ema_power=recipe.ema_power,
-                            max_grad_norm=recipe.max_grad_norm, desc="train-class", progress=progress,
-                            cpu=recipe.cpu)
-        loop = TrainLoop(work, config, {"model": model}, opt, ema=("model",) if recipe.ema_decay else (),
-                         run_info=_run_info(recipe, model, vae), lock=lock)
+
+    def prepare(loop: TrainLoop):
         acc = loop.accelerator
         device, rank, world = acc.device, acc.process_index, acc.num_processes
-        if recipe.batch_size % world:
-            raise ValueError(f"ClassCondRecipe.batch_size ({recipe.batch_size}) must divide evenly over the "
-                             f"{world} processes")
         vae.to(device)
         with acc.main_process_first():  # one process encodes the pool, the others read it
-            latents = latent_pool(vae, recipe, work, device)
-        log_path = work / LOG_NAME
-        state = {}
+            latents = latent_pool(vae, recipe, work_dir, device)
 
-        def step_fn(step: int):
-            for group in opt.param_groups:  # the schedule is a function of the step: nothing to resume
-                group["lr"] = recipe.lr * lr_factor(recipe, step)
+        def loss_at(step: int) -> torch.Tensor:
             idx, labels = batch_at(recipe, step, len(latents))
             x0 = latents[idx]
             gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
@@ -328,89 +247,33 @@ def train_class_conditional(model: torch.nn.Module, work_dir: str | os.PathLike,
             if recipe.min_snr_gamma is not None:
                 snr = (alphas[t.cpu()] / (1 - alphas[t.cpu()])).to(device)
                 per_sample = per_sample * torch.clamp(snr + 1, max=recipe.min_snr_gamma) / (snr + 1)
-            loss = per_sample.mean()
-            state["record"] = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
-            return loss
+            return per_sample.mean()
 
-        start = loop.resume()
-        if acc.is_main_process:
-            _trim_log(log_path, start)
-        if start:
-            log(f"[train-class] resumed at step {start} of {recipe.steps}")
-        evaluator = None
+        return loss_at
 
-        def on_step(done: int):
-            nonlocal evaluator
-            record = state["record"]
-            if recipe.eval_every and done % recipe.eval_every == 0 and acc.is_main_process:
-                if evaluator is None:
-                    from ..models import load_evaluator
-
-                    evaluator = load_evaluator(device)
-                record.update(_quick_eval(loop, vae, recipe, evaluator))
-                log(f"[train-class] step {done}: class accuracy {record['class_accuracy']}")
-            if acc.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-
-        finished = loop.run(step_fn, on_step)
-        if finished and recipe.ema_decay:
-            loop.ema_models["model"].copy_to(model.parameters())
-        if not finished:
-            log(f"[train-class] stopped at step {loop.step} of {recipe.steps} (max_minutes); run again with the "
-                f"same inputs to resume")
-    finally:
-        if loop is not None:
-            loop.close()
-        lock.release()
-    model.eval()
-    return model, finished
+    return run_recipe(model, work_dir, recipe, name="model", desc="train-class",
+                      inputs={"vae": state_hash(vae)},
+                      lr_at=lambda step: recipe.lr * lr_factor(recipe, step), prepare=prepare,
+                      evaluate=lambda averaged, evaluator: _quick_eval(averaged, vae, recipe, evaluator),
+                      describe=lambda record: f"class accuracy {record['class_accuracy']}", progress=progress, log=log)
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint a run resumes from (they will be written again)."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
-
-
-@torch.no_grad()
-def _quick_eval(loop: TrainLoop, vae, recipe: ClassCondRecipe, evaluator) -> dict:
-    """Class accuracy of the current EMA (or raw) weights on eval_images held-out labels (20 steps, CFG 4)."""
+def _quick_eval(model: torch.nn.Module, vae, recipe: ClassCondRecipe, evaluator) -> dict:
+    """Class accuracy of `model` on eval_images held-out labels (20 steps, CFG 4)."""
     from ..pipelines.class_conditional import evaluate_pipeline, make_pipeline
 
-    model = copy.deepcopy(loop.unwrap("model"))
-    if "model" in loop.ema_models:
-        loop.ema_models["model"].copy_to(model.parameters())
-    pipe = make_pipeline(model.eval(), vae)
+    pipe = make_pipeline(model, vae)
     pipe.set_progress_bar_config(disable=True)
-    rng_state = torch.get_rng_state()  # sampling must not move the training's random streams
-    try:
-        acc = evaluate_pipeline(pipe, evaluator, n=recipe.eval_images or 48)
-    finally:
-        torch.set_rng_state(rng_state)
-    return {f"{k}_accuracy": round(v, 4) for k, v in acc.items()}
-
+    return evaluate_pipeline(pipe, evaluator, n=recipe.eval_images or 48)
 
 def save_class_pipeline(model: torch.nn.Module, out_dir: str | os.PathLike, recipe: ClassCondRecipe | None = None,
                         vae=None, half: bool = False, extra: dict | None = None) -> Path:
     """Write `model` as a DiTPipeline folder (genfast-mini's VAE and sampler, the class labels) in one
     atomic rename, with training.json (recipe, parameter count, `extra`). half: weights stored in fp16
     (half the size; diffusers loads them back as fp32 unless asked otherwise)."""
-    from ..pipelines.class_conditional import count_parameters, make_pipeline
+    from ..pipelines.class_conditional import make_pipeline
 
-    out = Path(out_dir)
     pipe = make_pipeline(model, vae)
     if half:  # copies: the caller's modules keep their dtype
         pipe = make_pipeline(copy.deepcopy(model).half(), copy.deepcopy(pipe.vae).half())
-    with atomic_dir(out) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        card = out / "README.md"
-        if card.is_file():  # a model card written by hand: keep it
-            (tmp / "README.md").write_text(card.read_text())
-        info = {"model": type(model).__name__, "parameters": count_parameters(model),
-                "recipe": recipe.to_dict() if recipe is not None else None, **(extra or {})}
-        atomic_write_text(tmp / "training.json", json.dumps(info, indent=2))
-    return out
-
+    return write_pipeline(pipe, out_dir, model, recipe, extra)
