@@ -160,14 +160,15 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 # ---- the denoiser recipe, shared with genfast.training.t2i ----
 
-def encode_shapes_pool(vae: AutoencoderKL, pool_size: int, seed: int, device=None) -> tuple[torch.Tensor, list]:
+def encode_shapes_pool(vae: AutoencoderKL, pool_size: int, seed: int, device=None,
+                       progress: bool = True) -> tuple[torch.Tensor, list]:
     """(scaled latents on the CPU, scenes) of ShapesDataset(pool_size, seed): the images the denoiser learns."""
     ds = ShapesDataset(pool_size, seed=seed)
     device = device if device is not None else vae.device
     scenes, out = [], []
     with torch.no_grad():
         for start in tqdm(range(0, pool_size, POOL_CHUNK), desc="pool: render + encode",
-                          disable=not PartialState().is_local_main_process):
+                          disable=not (progress and PartialState().is_local_main_process)):
             images = []
             for i in range(start, min(start + POOL_CHUNK, pool_size)):
                 image, _, scene = ds.sample(i)

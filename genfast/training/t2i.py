@@ -199,14 +199,14 @@ def check_t2i_unet(unet: torch.nn.Module, vae, text_encoder) -> None:
 
 # ---------------------------------------------------------------- data
 
-def latent_pool(vae, recipe: T2IRecipe, work_dir: Path, device="cpu") -> tuple[torch.Tensor, list]:
+def latent_pool(vae, recipe: T2IRecipe, work_dir: Path, device="cpu", progress: bool = True) -> tuple[torch.Tensor, list]:
     """(scaled latents, scenes) of the pool, the latents cached in `work_dir` under a key of data and VAE."""
     cache = PoolCache(work_dir, recipe, vae)
     latents = cache.load()
     if latents is not None:  # the scenes are drawn without rendering
         ds = ShapesDataset(recipe.pool_size, seed=recipe.seed)
         return latents, [ds.scene(i) for i in range(recipe.pool_size)]
-    latents, scenes = encode_shapes_pool(vae, recipe.pool_size, recipe.seed, device)
+    latents, scenes = encode_shapes_pool(vae, recipe.pool_size, recipe.seed, device, progress)
     return cache.save(latents), scenes
 
 
@@ -246,7 +246,7 @@ def train_t2i(unet: torch.nn.Module, work_dir: str | os.PathLike, recipe: T2IRec
         vae.to(device)
         text_encoder.to(device)
         with acc.main_process_first():  # one process encodes the pool, the others read it
-            latents, scenes = latent_pool(vae, recipe, work_dir, device)
+            latents, scenes = latent_pool(vae, recipe, work_dir, device, progress)
         style = CaptionStyle()  # genfast-mini's training captions
 
         def loss_at(step: int) -> torch.Tensor:
