@@ -80,13 +80,15 @@ class CompareSettings:
 def speaks_mini(pipe, pipeline: str | None) -> bool:
     """Whether the evaluator can judge a text-to-image pipeline's prompts: genfast-mini itself, or a pipeline
     that reads genfast-mini's caption grammar (its tokenizer's vocabulary: the AsCAN text mini, a quantized or
-    assembled genfast-mini)."""
+    assembled genfast-mini) and draws 64x64 images as it does."""
     from ..models import MINI, asset_path
 
     if pipeline is None or Path(pipeline).resolve() == asset_path(MINI).resolve():
         return True
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is None:
+    tokenizer, unet = getattr(pipe, "tokenizer", None), getattr(pipe, "unet", None)
+    if tokenizer is None or unet is None:
+        return False
+    if unet.config.sample_size * pipe.vae_scale_factor != 64:  # the evaluator reads genfast-mini's 64x64 images
         return False
     from transformers import CLIPTokenizer
 
