@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_demo import add_demo_parser
     from .cli_distill import add_distill_parser
     from .cli_t2i import add_train_t2i_parser
+    from .cli_var import add_train_var_parser
 
     add_analyze_parser(sub)
     add_assemble_parser(sub)
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_train_class_parser(sub)
     add_train_t2i_parser(sub)
+    add_train_var_parser(sub)
     return parser
 
 

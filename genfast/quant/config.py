@@ -14,7 +14,9 @@ DEFAULT_SKIP = ("conv_in", "conv_out", "time_embedding.*", "time_embed.*", "add_
                 "class_embedding.*", "pos_embed.*", "proj_out", "x_embedder.*", "context_embedder",
                 "time_text_embed.*", "adaln_single.*", "caption_projection.*", "proj_in",
                 # LaMamba-Diff (genfast.backbones): conv stem, and the final layer before proj_out
-                "stem", "final_expand.*", "final_cond_proj", "final_adaLN_modulation.*")
+                "stem", "final_expand.*", "final_cond_proj", "final_adaLN_modulation.*",
+                # VARModel (genfast.generators): token-in and logits-out layers (class_embed is an Embedding)
+                "word_embed", "head", "head_adaLN.*")
 
 
 @dataclass
