@@ -52,6 +52,22 @@ class RecipeChecks:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
             raise ValueError(f"{type(self).__name__}.{name} must be {what}, got {value!r}")
 
+    def _check_run(self, optional=("max_grad_norm", "max_minutes")) -> None:
+        """The fields every loop reads: optional positive numbers, EMA, mixed precision."""
+        for name in optional:
+            if getattr(self, name) is not None:
+                self._number(name, lambda v: v > 0, "None or > 0")
+        if self.ema_decay is not None:
+            self._number("ema_decay", lambda v: 0 < v < 1, "None or in (0, 1)")
+        if self.ema_power is not None:
+            if self.ema_decay is None:
+                raise ValueError(f"{type(self).__name__}.ema_power has no effect without ema_decay: set ema_decay "
+                                 "in (0, 1) or ema_power=None")
+            self._number("ema_power", lambda v: v > 0, "None or > 0")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"{type(self).__name__}.mixed_precision must be one of {MIXED_PRECISION}, "
+                             f"got {self.mixed_precision!r}")
+
     def __post_init__(self):
         cls = type(self).__name__
         for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("pool_size", 1), ("seed", 0),
@@ -66,18 +82,7 @@ class RecipeChecks:
             optional = ("min_snr_gamma", *optional)
         else:
             self._number("min_snr_gamma", lambda v: v > 0, "> 0")
-        for name in optional:
-            if getattr(self, name) is not None:
-                self._number(name, lambda v: v > 0, "None or > 0")
-        if self.ema_decay is not None:
-            self._number("ema_decay", lambda v: 0 < v < 1, "None or in (0, 1)")
-        if self.ema_power is not None:
-            if self.ema_decay is None:
-                raise ValueError(f"{cls}.ema_power has no effect without ema_decay: set ema_decay in (0, 1) "
-                                 "or ema_power=None")
-            self._number("ema_power", lambda v: v > 0, "None or > 0")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"{cls}.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        self._check_run(optional)
         if self.eval_images is not None:
             if not self.eval_every:
                 raise ValueError(f"{cls}.eval_images has no effect with eval_every=0: set eval_every > 0")

@@ -77,20 +77,7 @@ class VQRecipe(RecipeChecks):
             raise ValueError(f"{cls}.recon_loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
         if not isinstance(self.data_init, bool):
             raise ValueError(f"{cls}.data_init must be true or false, got {self.data_init!r}")  # noqa: TRY004
-        for name in ("max_grad_norm", "max_minutes"):
-            if getattr(self, name) is not None:
-                self._number(name, lambda v: v > 0, "None or > 0")
-        if self.ema_decay is not None:
-            self._number("ema_decay", lambda v: 0 < v < 1, "None or in (0, 1)")
-        if self.ema_power is not None:
-            if self.ema_decay is None:
-                raise ValueError(f"{cls}.ema_power has no effect without ema_decay: set ema_decay in (0, 1) "
-                                 "or ema_power=None")
-            self._number("ema_power", lambda v: v > 0, "None or > 0")
-        from .loop import MIXED_PRECISION
-
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"{cls}.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        self._check_run()
 
     @classmethod
     def tiny(cls, **changes):
