@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_distill import _number, finish_run
+from .cli_distill import _number, finish_run, recipe_options
 
 __all__ = ["add_train_class_parser", "cmd_train_class"]
 
@@ -26,11 +26,7 @@ def cmd_train_class(args: argparse.Namespace) -> int:
     from .io import check_output
     from .training.class_cond import ClassCondRecipe, build_denoiser, save_class_pipeline, train_class_conditional
 
-    options = {f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None}
-    if args.no_ema:
-        options.update(ema_decay=None, ema_power=None)
-    elif args.ema is not None:
-        options["ema_decay"] = args.ema
+    options = recipe_options(args, _FIELDS)
     if args.plain_loss:
         options["min_snr_gamma"] = None
     recipe = ClassCondRecipe(**options)  # validated before any loading

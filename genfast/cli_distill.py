@@ -100,6 +100,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return finish_run(finished, work, save)
 
 
+def recipe_options(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
+    """A training command's recipe options: the given ones of `fields` (the rest stay at the recipe's
+    defaults), and --ema X / --no-ema as the recipe's ema_decay / ema_power."""
+    options = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.no_ema:
+        options.update(ema_decay=None, ema_power=None)
+    elif args.ema is not None:
+        options["ema_decay"] = args.ema
+    return options
+
+
 def finish_run(finished: bool, work, save) -> int:
     """The end of a training command: a run stopped by --max-minutes says how to resume; a finished one is
     saved by `save()` on the main process only (under `accelerate launch` one process writes the folder)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_distill import _number, finish_run
+from .cli_distill import _number, finish_run, recipe_options
 
 __all__ = ["add_train_t2i_parser", "cmd_train_t2i"]
 
@@ -29,11 +29,7 @@ def cmd_train_t2i(args: argparse.Namespace) -> int:
     from .models import load_mini
     from .training.t2i import T2IRecipe, build_t2i_unet, save_t2i_pipeline, train_t2i
 
-    options = {f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None}
-    if args.no_ema:
-        options.update(ema_decay=None, ema_power=None)
-    elif args.ema is not None:
-        options["ema_decay"] = args.ema
+    options = recipe_options(args, _FIELDS)
     recipe = T2IRecipe(**options)  # validated before any loading
     out = check_output(args.out, folder=True)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_distill import _number, finish_run
+from .cli_distill import _number, finish_run, recipe_options
 
 __all__ = ["add_train_var_parser", "cmd_train_var"]
 
@@ -28,11 +28,7 @@ def cmd_train_var(args: argparse.Namespace) -> int:
     from .training.var_train import VARRecipe, train_var_generator
     from .training.vq_train import VQRecipe
 
-    options = {f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None}
-    if args.no_ema:
-        options.update(ema_decay=None, ema_power=None)
-    elif args.ema is not None:
-        options["ema_decay"] = args.ema
+    options = recipe_options(args, _FIELDS)
     recipe = VARRecipe(**options)  # validated before any loading
     tok_options = {f: getattr(args, f"tokenizer_{f}") for f in _TOKENIZER_FIELDS
                    if getattr(args, f"tokenizer_{f}") is not None}
