@@ -188,14 +188,16 @@ def int8_folder(tmp_path_factory, mini_reference):
     return str(folder)
 
 
-def test_workers_of_a_quantized_folder_share_all_but_their_denoiser(int8_folder):
+def test_workers_of_a_quantized_folder_share_all_but_their_denoiser_and_tokenizer(int8_folder):
     from genfast.api import handles_on
 
     models = DemoModels(int8_folder, workers=2)
     with models.worker() as a, models.worker() as b:
-        assert a.unet is not b.unet
-        for name in ("text_encoder", "vae", "tokenizer"):
+        assert a.unet is not b.unet and a.scheduler is not b.scheduler
+        for name in ("text_encoder", "vae"):
             assert getattr(a, name) is getattr(b, name)
+        # a tokenizer is not thread-safe (common.py): each worker has its own, the same vocabulary
+        assert a.tokenizer is not b.tokenizer and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
         for pipe in (a, b):  # each copy's record describes its own denoiser and points at no copied pipeline
             record = handles_on(pipe.unet)["quantize"]
             assert record.target in (a, b) and record.model is pipe.unet

@@ -2,9 +2,12 @@
 input checks that answer with a `gr.Error`, and image conversion.
 
 Models. The demo loads each model once. Work that changes a denoiser (a method's hooks, quantized
-weights) runs on a *worker*: a pipeline with its own copy of the denoiser and scheduler and the
-very same VAE, text encoder and tokenizer objects as every other worker (Nunchaku's demo shares
-them the same way). A job takes a worker from a pool for its whole run and gives it back, so
+weights) runs on a *worker*: a pipeline with its own copy of the denoiser, scheduler and tokenizer
+and the very same VAE and text encoder objects as every other worker (Nunchaku's demo shares them
+the same way). A fast tokenizer is not thread-safe: each call sets its padding and truncation on the
+one Rust tokenizer, and a pipeline call tokenizes twice with different settings, so two workers
+sharing one could encode a prompt with the other's settings (CI once saw a concurrent job lose its
+prompt); a tokenizer is small, so each worker has its own. A job takes a worker from a pool for its whole run and gives it back, so
 concurrent clients never see each other's hooks, and a second job waits for a free worker.
 
 Cancellation. Gradio's `cancels=` stops waiting for a job, but a job running in a thread goes on
@@ -226,15 +229,19 @@ def with_denoiser(pipe, denoiser: torch.nn.Module, scheduler=None):
 
 
 def _worker_copy(pipe):
-    """A worker: its own copy of the denoiser and its own scheduler (it keeps per-call state), the rest shared."""
+    """A worker: its own copy of the denoiser, its own scheduler (it keeps per-call state) and tokenizers, the
+    rest shared."""
     from ..pipelines import denoiser_of
 
     denoiser = denoiser_of(pipe)
     # the denoiser may carry a genfast record (a quantized folder's handle) that points at the pipeline: the
     # copy keeps pointing at the same pipeline and components instead of copying all of them
     keep = {id(pipe): pipe, **{id(c): c for c in pipe.components.values() if c is not denoiser}}
-    return with_denoiser(pipe, copy.deepcopy(denoiser, memo=keep),
-                         type(pipe.scheduler).from_config(pipe.scheduler.config))
+    worker = with_denoiser(pipe, copy.deepcopy(denoiser, memo=keep),
+                           type(pipe.scheduler).from_config(pipe.scheduler.config))
+    tokenizers = {k: copy.deepcopy(v) for k, v in pipe.components.items() if k.startswith("tokenizer") and v is not None}
+    worker.register_modules(**tokenizers)  # see the module docstring: tokenizers are not thread-safe
+    return worker
 
 
 class DemoModels:
