@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_distill import _number, finish_run, recipe_options
+from .cli_distill import _number, add_run_options, finish_run, recipe_options
 
 __all__ = ["add_train_class_parser", "cmd_train_class"]
 
@@ -63,30 +63,16 @@ def add_train_class_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="the DiTPipeline folder to write")
     p.add_argument("--work-dir", metavar="DIR", help="checkpoints, latent pool and log (default: OUT.work); "
                                                      "rerun to resume")
-    p.add_argument("--steps", type=_number("--steps", int, 1), help="default 4000")
-    p.add_argument("--batch-size", type=_number("--batch-size", int, 1), help="default 64")
-    p.add_argument("--lr", type=_number("--lr", strict=True), help="peak learning rate (default 1e-3)")
-    p.add_argument("--warmup", type=_number("--warmup", int), help="warmup steps (default 200)")
+    add_run_options(p, steps="default 4000", lr="peak learning rate (default 1e-3)",
+                    pool="images encoded once (default 20000)",
+                    eval_every="log the class accuracy of the EMA weights every N steps (default 0: never)",
+                    eval_images="images sampled per evaluation (default 48; needs --eval-every)")
     p.add_argument("--label-dropout", type=_number("--label-dropout"),
                    help="chance a label is replaced by the null class, for guidance (default 0.1)")
     guard = p.add_mutually_exclusive_group()
     guard.add_argument("--min-snr-gamma", type=_number("--min-snr-gamma", strict=True),
                        help="min-SNR loss weight's gamma (default 5)")
     guard.add_argument("--plain-loss", action="store_true", help="unweighted MSE on v instead of min-SNR")
-    ema = p.add_mutually_exclusive_group()
-    ema.add_argument("--ema", type=float, help="EMA decay in (0, 1) (default 0.9995); the output holds the averages")
-    ema.add_argument("--no-ema", action="store_true", help="no EMA: the output holds the last weights")
-    p.add_argument("--pool-size", type=_number("--pool-size", int, 1), help="images encoded once (default 20000)")
     p.add_argument("--seed", type=_number("--seed", int), help="default 0")
-    p.add_argument("--checkpoint-every", type=_number("--checkpoint-every", int, 1), help="default 250")
-    p.add_argument("--max-minutes", type=_number("--max-minutes", strict=True),
-                   help="checkpoint and stop after this long; rerun to resume")
-    p.add_argument("--eval-every", type=_number("--eval-every", int),
-                   help="log the class accuracy of the EMA weights every N steps (default 0: never)")
-    p.add_argument("--eval-images", type=_number("--eval-images", int, 1),
-                   help="images sampled per evaluation (default 48; needs --eval-every)")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
-    p.add_argument("--half", action="store_true", help="store the weights in fp16 (half the size; load as fp32)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_class)
     return p

@@ -111,6 +111,29 @@ def recipe_options(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
     return options
 
 
+def add_run_options(p: argparse.ArgumentParser, *, steps: str, lr: str, pool: str, eval_every: str,
+                    eval_images: str, half: str = "store the weights in fp16 (half the size; load as fp32)",
+                    max_minutes: str = "checkpoint and stop after this long; rerun to resume",
+                    mixed_precision: str | None = None) -> None:
+    """The options every training command shares (budget, EMA, pool, checkpoints, evaluation, output);
+    the strings are each command's help texts, which name its defaults."""
+    p.add_argument("--steps", type=_number("--steps", int, 1), help=steps)
+    p.add_argument("--batch-size", type=_number("--batch-size", int, 1), help="default 64")
+    p.add_argument("--lr", type=_number("--lr", strict=True), help=lr)
+    p.add_argument("--warmup", type=_number("--warmup", int), help="warmup steps (default 200)")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema", type=float, help="EMA decay in (0, 1) (default 0.9995); the output holds the averages")
+    ema.add_argument("--no-ema", action="store_true", help="no EMA: the output holds the last weights")
+    p.add_argument("--pool-size", type=_number("--pool-size", int, 1), help=pool)
+    p.add_argument("--checkpoint-every", type=_number("--checkpoint-every", int, 1), help="default 250")
+    p.add_argument("--max-minutes", type=_number("--max-minutes", strict=True), help=max_minutes)
+    p.add_argument("--eval-every", type=_number("--eval-every", int), help=eval_every)
+    p.add_argument("--eval-images", type=_number("--eval-images", int, 1), help=eval_images)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help=mixed_precision)
+    p.add_argument("--half", action="store_true", help=half)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def finish_run(finished: bool, work, save) -> int:
     """The end of a training command: a run stopped by --max-minutes says how to resume; a finished one is
     saved by `save()` on the main process only (under `accelerate launch` one process writes the folder)."""

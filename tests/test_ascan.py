@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from restore_checks import assert_restored, snapshot
+from tiny_pipelines import wake_gates
 
 import genfast
 from genfast.backbones import (
@@ -42,11 +43,7 @@ FLOAT_LAYERS = {"stem", "time_embed.linear_1", "time_embed.linear_2", "final_ada
 
 def _wake(model):
     """Randomise the zero-initialised gates and cross-attention outputs, so every block changes its input."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN" in name or "attn2.to_out" in name:
-                p.normal_(std=0.1)
-    return model
+    return wake_gates(model, "adaLN", "attn2.to_out")
 
 
 def _class_model(**overrides):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_pipelines import wake_gates
 
 from genfast.cli import main
 from genfast.data.classes import HELDOUT_SEED, NUM_CLASSES, ClassShapesDataset, class_names, eval_class_labels
@@ -38,10 +39,7 @@ def folder(tmp_path_factory, one_thread):
     """A tiny ClassDiT (random weights) in a DiTPipeline folder, as genfast train-class writes one."""
     torch.manual_seed(0)
     model = ClassDiT(**dit_config(20_000)).eval()
-    with torch.no_grad():  # wake the zero-initialised adaLN gates, so the blocks change their input
-        for name, p in model.named_parameters():
-            if "norm1.linear" in name:
-                p.normal_(std=0.1)
+    wake_gates(model, "norm1.linear")
     path = tmp_path_factory.mktemp("class") / "dit"
     make_pipeline(model).save_pretrained(path)
     return path
@@ -194,10 +192,7 @@ def test_a_lamamba_pipeline_compares_with_block_level_feature_inheritance(tmp_pa
 
     torch.manual_seed(0)
     model = LaMambaDiffModel(**lamamba_config("mini")).eval()
-    with torch.no_grad():  # wake the zero-initialised adaLN gates, so every block changes its input
-        for name, p in model.named_parameters():
-            if "adaLN" in name:
-                p.normal_(std=0.1)
+    wake_gates(model)
     make_pipeline(model).save_pretrained(tmp_path / "lamamba")
     out = tmp_path / "out"
     assert main(["compare", "--pipeline", str(tmp_path / "lamamba"), "--num-images", "2", "--batch-size", "2",

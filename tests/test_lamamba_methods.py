@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from restore_checks import assert_restored, snapshot
+from tiny_pipelines import wake_gates
 
 import genfast
 from genfast.backbones import LaMambaDiffModel, lamamba_config
@@ -28,10 +29,7 @@ FLOAT_LAYERS = {"stem", "time_embed.linear_1", "time_embed.linear_2", "final_exp
 def pipe(one_thread):
     torch.manual_seed(0)
     model = LaMambaDiffModel(**lamamba_config("mini")).eval()
-    with torch.no_grad():  # wake the zero-initialised adaLN gates, so every block changes its input
-        for name, p in model.named_parameters():
-            if "adaLN" in name:
-                p.normal_(std=0.1)
+    wake_gates(model)
     pipe = make_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -468,3 +468,14 @@ def _new_inputs(kind, steps, gen, batch):
     elif kind == "animatediff":
         args.update(num_frames=4)
     return args
+
+
+def wake_gates(model, *patterns: str, std: float = 0.1):
+    """Draw N(0, std) into every parameter whose name holds one of `patterns` (default: the adaLN-Zero
+    gates), so a freshly initialised block changes its input and a test can see what it does."""
+    patterns = patterns or ("adaLN",)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(pattern in name for pattern in patterns):
+                p.normal_(std=std)
+    return model
