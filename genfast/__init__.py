@@ -8,8 +8,10 @@ from .assembly import assemble, save_assembled
 from .models import load_evaluator, load_mini
 from .pipelines import class_conditional  # noqa: F401  (ClassDiT, for the same reason)
 from .quant import QuantConfig, quantize
+from .quant.fake_quant import fake_quantize
 from .quant.saving import load_pipeline, save_quantized
+from .training.qat import QATConfig, qat_distill
 
 __version__ = "0.1.0"
-__all__ = ["Handle", "QuantConfig", "__version__", "accelerate", "assemble", "list_methods", "load_evaluator",
-           "load_mini", "load_pipeline", "quantize", "save_assembled", "save_quantized"]
+__all__ = ["Handle", "QATConfig", "QuantConfig", "__version__", "accelerate", "assemble", "fake_quantize", "list_methods",
+           "load_evaluator", "load_mini", "load_pipeline", "qat_distill", "quantize", "save_assembled", "save_quantized"]

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("pipeline", nargs="?", metavar="PIPELINE_DIR",
                    help="a local diffusers pipeline folder (default: embedded genfast-mini)")
     q.add_argument("--weights", required=True,
-                   help="int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, mxfp8, mxfp6, mxfp4, nvfp4")
+                   help="int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, fp3_e2m0, fp2_e1m0, mxfp8, mxfp6, mxfp4, nvfp4")
     q.add_argument("--granularity", help="channel (default), tensor or group:N; not for mx*/nvfp4 (fixed blocks)")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_const", const=True, default=None,
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_class import add_train_class_parser
     from .cli_demo import add_demo_parser
     from .cli_distill import add_distill_parser
+    from .cli_qat import add_qat_parser
+    from .cli_sweep import add_sweep_parser
     from .cli_t2i import add_train_t2i_parser
     from .cli_var import add_train_var_parser
 
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_class_parser(sub)
     add_train_t2i_parser(sub)
     add_train_var_parser(sub)
+    add_qat_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

@@ -60,17 +60,31 @@ def asset_path(name: str) -> Path:
     return path
 
 
-def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
-    """Any local diffusers pipeline folder, loaded offline; a missing folder is a clear error."""
+def pipeline_class(path: str | os.PathLike):
+    """The class that loads the pipeline folder `path`: genfast's VARPipeline for a folder that names it
+    (diffusers' DiffusionPipeline looks pipeline classes up in diffusers only), else DiffusionPipeline."""
+    import json
+
     from diffusers import DiffusionPipeline
 
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    if index.get("_class_name") == "VARPipeline":
+        from .generators import VARPipeline
+
+        return VARPipeline
+    return DiffusionPipeline
+
+
+def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
+    """Any local diffusers pipeline folder (or genfast VARPipeline folder), loaded offline; a missing folder is
+    a clear error."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"no diffusers pipeline at {path}: expected a folder with model_index.json "
             f"(one written by save_pretrained)"
         )
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    pipe = pipeline_class(path).from_pretrained(path, dtype=dtype, local_files_only=True)
     return pipe.to(device)
 
 

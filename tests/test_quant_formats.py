@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 INT = [f"int{b}" for b in range(2, 9)]
-FLOAT = ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"]
+FLOAT = ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "fp3_e2m0", "fp2_e1m0"]
 BLOCK = ["mxfp8", "mxfp6", "mxfp4", "nvfp4"]
 
 

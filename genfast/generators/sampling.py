@@ -21,9 +21,20 @@ import torch
 
 from ..pipelines.class_conditional import map_null_labels
 
-__all__ = ["CFG_SCHEDULES", "VARSample", "filter_logits", "generate", "guidance_scales", "guided_logits"]
+__all__ = ["CFG_SCHEDULES", "VARSample", "default_sampling", "filter_logits", "generate", "guidance_scales",
+           "guided_logits"]
 
 CFG_SCHEDULES = ("linear", "constant")
+VAR_TOP_K_SHARE = 900 / 4096  # VAR's demo keeps the top 900 of its 4096 codes (top_p 0.95): the same share here
+
+
+def default_sampling(vocab_size: int) -> dict:
+    """genfast's sampling settings for a VAR of this codebook size: guidance 4 with the linear ramp, and
+    VAR's demo filtering scaled to the codebook (top-k = the same share of codes, top-p 0.95); 112 of 512
+    for the mini tokenizer. Training's evaluation samples with them, and train-var records them in
+    training.json, where sweeps and QAT read the top-k TopKLD ties its K to."""
+    return {"guidance_scale": 4.0, "top_k": max(1, round(vocab_size * VAR_TOP_K_SHARE)), "top_p": 0.95,
+            "cfg_schedule": "linear"}
 
 
 @dataclass

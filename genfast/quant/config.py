@@ -23,7 +23,7 @@ DEFAULT_SKIP = ("conv_in", "conv_out", "time_embedding.*", "time_embed.*", "add_
 class QuantConfig:
     """Options left as None take their default where they matter; one given where it does nothing is an error.
 
-    weights: int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1 (scaled per channel,
+    weights: int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, fp3_e2m0, fp2_e1m0 (scaled per channel,
     group or tensor), mxfp8 / mxfp6 / mxfp4 (E8M0 scale per 32) or nvfp4 (E4M3 scale per 16 and
     an fp32 tensor scale). granularity (int / fp formats, default "channel"): "channel",
     "tensor" or "group:N". symmetric (int formats, default True): a grid around 0, else min/max

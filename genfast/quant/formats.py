@@ -4,7 +4,7 @@ Every format turns a 2-D weight (output rows x flattened inputs; a Conv2d kernel
 its row) into one unsigned code per element, `bits` wide, plus the scales that give the codes
 their size. The codes are then bit-packed (`pack.py`). The arithmetic is torchao's wherever it
 has it: its affine integer primitives for int2..int8, torch's float8 dtypes, its sub-byte float
-encoders for fp6/fp4, its MX (`to_mx`, E8M0 scale per 32) and NVFP4 (`nvfp4_quantize`, E4M3
+encoders for fp6/fp4/fp3/fp2, its MX (`to_mx`, E8M0 scale per 32) and NVFP4 (`nvfp4_quantize`, E4M3
 scale per 16 over an fp32 tensor scale) reference code. What genfast adds is the common
 code layout, so that one packer and one checkpoint format serve them all, and Conv2d support.
 """
@@ -59,6 +59,11 @@ FORMATS.update({
     "fp6_e3m2": Format("fp6_e3m2", "float", 6, 3, 2),
     "fp6_e2m3": Format("fp6_e2m3", "float", 6, 2, 3),
     "fp4_e2m1": Format("fp4_e2m1", "float", 4, 2, 1),
+    # the 3- and 2-bit floats of the bit-width sweep (issue 19): no mantissa, every level a power of two or 0.
+    # e2m0 (bias 1): 0, ±1, ±2, ±4; e1m0 (bias 0): 0, ±2, a ternary grid (|w| <= amax / 2 rounds to 0).
+    # torchao's sub-byte float codec takes mbits = 0 (exponent 0 is the subnormal zero): nothing new below
+    "fp3_e2m0": Format("fp3_e2m0", "float", 3, 2, 0),
+    "fp2_e1m0": Format("fp2_e1m0", "float", 2, 1, 0),
     "mxfp8": Format("mxfp8", "mx", 8, 4, 3, block=32),
     "mxfp6": Format("mxfp6", "mx", 6, 2, 3, block=32),
     "mxfp4": Format("mxfp4", "mx", 4, 2, 1, block=32),

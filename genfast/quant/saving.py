@@ -383,14 +383,15 @@ class LoadedQuantizeHandle(QuantizeHandle):
 
 
 def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Any local diffusers pipeline folder, offline; a genfast quantized one with its packed models rebuilt.
+    """Any local diffusers pipeline folder (or genfast VARPipeline folder), offline; a genfast quantized one
+    with its packed models rebuilt.
 
     dtype None: a quantized folder loads in the dtype it was saved from (an fp16 model stays fp16,
     and outputs equal the quantized pipeline's before saving, bit for bit); other folders load as
     diffusers does by default. The quantized models carry a genfast.quantize handle
     (`genfast.api.handles_on(pipe.unet)["quantize"]`) whose remove() raises: there is nothing to restore.
     """
-    from diffusers import DiffusionPipeline
+    from ..models import pipeline_class
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
@@ -405,8 +406,8 @@ def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", d
             raise QuantizedFolderError(f"{path}: its quantized models were saved in different dtypes; "
                                        f"pass dtype= to load them in one")
     loaded = {name: load_quantized_model(folder, index[name], dtype) for name, folder in folders.items()}
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                             **{name: model for name, (model, _, _) in loaded.items()})
+    pipe = pipeline_class(path).from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                **{name: model for name, (model, _, _) in loaded.items()})
     for name, (model, qconfig, layers) in loaded.items():
         LoadedQuantizeHandle(pipe, model, qconfig, layers, folders[name])
     if hasattr(pipe, "labels"):  # a DiTPipeline: record its class names, or saving it again would drop them

@@ -9,7 +9,8 @@ Like train-class (genfast.training.class_cond), on recipe_common.run_recipe:
     every scale's tokens, optionally label-smoothed (VAR trains with 0.1);
   * classifier-free guidance: a label goes to the null class with probability label_dropout, once
     per sample (class_cond.batch_at: the batch is a pure function of (seed, step), resume is exact);
-  * evaluation every eval_every steps: class accuracy of sampled images (CFG 4, the embedded evaluator);
+  * evaluation every eval_every steps: class accuracy of sampled images (generators.default_sampling: CFG 4,
+    top-k / top-p scaled from VAR's; the embedded evaluator);
   * the result: a VARPipeline folder (transformer + vqvae), atomic, with training.json.
 """
 
@@ -158,29 +159,32 @@ def train_var(model, tokenizer, work_dir: str | os.PathLike, recipe: VARRecipe |
 
 
 @torch.no_grad()
-def quick_eval(model, tokenizer, evaluator, n: int = 48, guidance_scale: float = 4.0, batch_size: int = 48) -> dict:
-    """Class accuracy (class_conditional.class_accuracy) of n images sampled for the balanced held-out labels,
-    CFG `guidance_scale`, no top-k / top-p; the generator lives on the model's device."""
-    from ..generators import VARPipeline
+def quick_eval(model, tokenizer, evaluator, n: int = 48, batch_size: int = 48) -> dict:
+    """Class accuracy (class_conditional.class_accuracy) of n images sampled for the balanced held-out labels
+    with default_sampling's settings; the generator lives on the model's device."""
+    from ..generators import VARPipeline, default_sampling
     from ..pipelines.class_conditional import class_accuracy
 
     pipe = VARPipeline(transformer=model, vqvae=tokenizer)
+    sampling = default_sampling(model.config.vocab_size)
     device = next(model.parameters()).device
     labels = eval_class_labels(n)
     images = []
     for start in range(0, n, batch_size):
         gen = torch.Generator(device).manual_seed(HELDOUT_SEED * 1_000_003 + start)
-        images.append(pipe(labels[start:start + batch_size], guidance_scale=guidance_scale, generator=gen,
-                           output_type="pt").images.float().cpu() * 2 - 1)
+        images.append(pipe(labels[start:start + batch_size], generator=gen, output_type="pt",
+                           **sampling).images.float().cpu() * 2 - 1)
     return class_accuracy(torch.cat(images), labels, evaluator)
 
 
 def save_var_pipeline(model, tokenizer, out_dir: str | os.PathLike, recipe: VARRecipe | None = None,
                       half: bool = False, extra: dict | None = None, about: dict | None = None) -> Path:
     """Write a VARPipeline folder (transformer + vqvae, the class labels) in one atomic rename, with
-    training.json. half: weights stored in fp16 (copies: the caller's modules keep their dtype)."""
-    from ..generators import VARPipeline
+    training.json (its "sampling": default_sampling's settings). half: weights stored in fp16 (copies: the
+    caller's modules keep their dtype)."""
+    from ..generators import VARPipeline, default_sampling
 
+    extra = {"sampling": default_sampling(model.config.vocab_size), **(extra or {})}
     if half:
         model, tokenizer = copy.deepcopy(model).half(), copy.deepcopy(tokenizer).half()
     pipe = VARPipeline(transformer=model, vqvae=tokenizer)
