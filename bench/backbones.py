@@ -20,10 +20,10 @@ latency  the minis' forward pass on this CPU at the three latent sizes, batch 1 
          timed the same way. Ratios are to dit-mini.
 quality  per class-conditional pipeline folder present (assets/genfast-{dit,lamamba,ascan}-class and the
          symmetric control, --control or outputs/genfast-ascan-symmetric-class): class accuracy of
-         --num-images images (genfast.pipelines.class_conditional.evaluate_pipeline: balanced held-out
-         labels, its seeds) and FID[mini-features] of those same images against as many held-out renders
-         of the same classes; real-vs-real (a second, disjoint set of renders of the same classes) is the
-         floor. With fewer images than the 256 feature dimensions FID is regularised (genfast.eval.fid).
+         --num-images images (genfast.eval.class_quality: balanced held-out labels, evaluate_pipeline's
+         seeds, the images as saved PNGs hold them) and FID[mini-features] of those same images against as
+         many held-out renders of the same classes; real-vs-real (a second, disjoint set of renders of the
+         same classes) is the floor. With fewer images than the 256 feature dimensions FID is regularised (genfast.eval.fid).
 t2i      AsCAN's text-to-image mini (AsCANUNet2DConditionModel; assets/genfast-ascan-t2i's when present, else
          ascan_config("t2i-mini") untrained) against genfast-mini's UNet2DConditionModel: parameters,
          GFLOPs per forward on one image and per classifier-free-guidance call (batch 2, 32 text tokens), CPU latency of
@@ -43,7 +43,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -192,23 +191,6 @@ def latency(repeats: int) -> dict:
                            "models": _train_step_time(repeats)}}
 
 
-class _Recorder:
-    """A pipeline that keeps the images it returns: evaluate_pipeline's own images, for the FID."""
-
-    def __init__(self, pipe):
-        self.pipe, self.images = pipe, []
-
-    def __call__(self, *args, **kwargs):
-        out = self.pipe(*args, **kwargs)
-        self.images.append(out.images.cpu())
-        return out
-
-
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Pipeline output in [0, 1] -> uint8, what the saved PNGs the FID reads hold."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def _load(folder: Path):
     import genfast.backbones  # diffusers finds a folder's model classes only in imported modules
     import genfast.pipelines.class_conditional  # noqa: F401
@@ -231,34 +213,25 @@ def quality(num_images: int, steps: int, guidance: float, control: Path | None) 
     if not present:
         return None
     from genfast.backbones import count_params
-    from genfast.data.classes import HELDOUT_SEED, eval_class_labels, heldout_class_images
-    from genfast.eval.fid import FeatureSpace, save_images
-    from genfast.models import load_evaluator
-    from genfast.pipelines.class_conditional import evaluate_pipeline
+    from genfast.data.classes import HELDOUT_SEED
+    from genfast.eval.class_quality import ClassQuality, sample_class_images
 
     settings = {"num_images": num_images, "steps": steps, "guidance": guidance, "seed": HELDOUT_SEED,
                 "labels": "balanced held-out labels (every class in turn)", "sampler": "each folder's own"}
-    evaluator = load_evaluator()
-    space = FeatureSpace("mini-features", classifier=evaluator)
-    labels = eval_class_labels(num_images)
-    result = {"settings": settings, "reference": f"{num_images} held-out renders of the same classes", "models": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        real = heldout_class_images(labels + labels)  # the second half: a disjoint set of the same classes
-        real_feats = space.features(save_images(real[:num_images], Path(tmp) / "real"))
-        result["real_vs_real"] = space.fid(space.features(save_images(real[num_images:], Path(tmp) / "real-b")),
-                                           real_feats)
-        print(f"{'real vs real (floor)':21s} {result['real_vs_real']['name']} {result['real_vs_real']['value']:.3f}")
-        for name, folder in present.items():
-            pipe = _Recorder(_load(folder))
-            acc = evaluate_pipeline(pipe, evaluator, n=num_images, guidance_scale=guidance,
-                                    num_inference_steps=steps)
-            images = _to_uint8(torch.cat(pipe.images))
-            fid = space.fid(space.features(save_images(images, Path(tmp) / name)), real_feats)
-            result["models"][name] = {"folder": str(folder), "params": count_params(pipe.pipe.transformer),
-                                      **settings, "class_accuracy": acc, "fid": fid}
-            print(f"{name:21s} class accuracy {100 * acc['class']:5.1f}% (shape {100 * acc['shape']:5.1f}%, "
-                  f"colour {100 * acc['color']:5.1f}%), {fid['name']} {fid['value']:.3f}  "
-                  f"[{num_images} images, {steps} steps, guidance {guidance}]")
+    judge = ClassQuality(num_images)
+    result = {"settings": settings, "reference": f"{num_images} held-out renders of the same classes",
+              "real_vs_real": judge.floor, "models": {}}
+    print(f"{'real vs real (floor)':21s} {judge.floor['name']} {judge.floor['value']:.3f}")
+    for name, folder in present.items():
+        pipe = _load(folder)
+        images, labels = sample_class_images(pipe, num_images, guidance_scale=guidance, num_inference_steps=steps)
+        measured = judge.measure(images, labels)
+        acc, fid = measured["class_accuracy"], measured["fid"]
+        result["models"][name] = {"folder": str(folder), "params": count_params(pipe.transformer),
+                                  **settings, **measured}
+        print(f"{name:21s} class accuracy {100 * acc['class']:5.1f}% (shape {100 * acc['shape']:5.1f}%, "
+              f"colour {100 * acc['color']:5.1f}%), {fid['name']} {fid['value']:.3f}  "
+              f"[{num_images} images, {steps} steps, guidance {guidance}]")
     return result
 
 
