@@ -10,10 +10,11 @@ import shutil
 
 import pytest
 import torch
+from tiny_pipelines import tiny_tokenizer
 
 import genfast
 from genfast.api import handles_on
-from genfast.generators import MultiScaleVQModel, VARModel, VARPipeline
+from genfast.generators import VARModel, VARPipeline
 from genfast.pipelines.class_conditional import ClassDiT, dit_config, make_pipeline, mini_vae
 from genfast.quant import QuantConfig
 from genfast.quant.config import DEFAULT_SKIP
@@ -43,11 +44,7 @@ def _perturb(model, seed, std):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    torch.manual_seed(0)
-    vq = MultiScaleVQModel(**TOK).eval()
-    with torch.no_grad():  # a codebook on the latents' scale, so every scale picks varied rows
-        vq.embedding.weight.normal_(0, 0.5)
-    return vq
+    return tiny_tokenizer(**TOK)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +197,6 @@ def test_qat_on_a_var_beats_round_to_nearest_and_converts_exactly(var_model, tok
 
 
 def test_a_qat_var_saves_and_loads_with_the_same_outputs(var_model, tokenizer, tmp_path):
-    from genfast.api import handles_on
     from genfast.quant.saving import load_pipeline
 
     pipe = var_pipe(var_model, tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_pipelines import tiny_tokenizer
 
 from genfast.backbones.configs import count_params
 from genfast.generators import (
@@ -35,11 +36,7 @@ def _randomize(model, seed, std=0.3):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    torch.manual_seed(0)
-    vq = MultiScaleVQModel(**TOK).eval()
-    with torch.no_grad():  # a codebook on the latents' scale, so every scale picks varied rows
-        vq.embedding.weight.normal_(0, 0.5)
-    return vq
+    return tiny_tokenizer(**TOK)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +67,8 @@ def test_quantized_latent_is_the_sum_of_scale_embeddings(tokenizer):
 
 
 def test_single_scale_is_nearest_neighbour_vq():
-    torch.manual_seed(0)
-    vq = MultiScaleVQModel(**{**TOK, "patch_nums": (8,), "quant_resi": 0.0}).eval()
+    vq = tiny_tokenizer(**{**TOK, "patch_nums": (8,), "quant_resi": 0.0})
     with torch.no_grad():
-        vq.embedding.weight.normal_(0, 0.5)
         f = vq.encode(_images())
         tokens, f_hat = vq.quantize_latents(f)
     flat = f.permute(0, 2, 3, 1).reshape(-1, 4)

@@ -479,3 +479,15 @@ def wake_gates(model, *patterns: str, std: float = 0.1):
             if any(pattern in name for pattern in patterns):
                 p.normal_(std=std)
     return model
+
+
+def tiny_tokenizer(**config):
+    """A MultiScaleVQModel of `config`, seed 0, eval mode, its codebook drawn on the latents' scale (N(0, 0.5))
+    so every scale picks varied rows."""
+    from genfast.generators import MultiScaleVQModel
+
+    torch.manual_seed(0)
+    vq = MultiScaleVQModel(**config).eval()
+    with torch.no_grad():
+        vq.embedding.weight.normal_(0, 0.5)
+    return vq
