@@ -32,7 +32,8 @@ codes); `sampling` overrides either. A VAR's QAT gets the sampler's top-k as Top
 
 out_dir gets results.json (rewritten atomically after every row), results.md (the table), scaling.png (a
 panel per metric and per relative metric, x = total bits on a log2 axis, a line per model, PTQ solid / QAT
-dashed, int o / fp ^) and images/<model>/<format>-<mode>/ (the PNGs every metric read). Rerunning skips the rows already measured; an
+dashed, int o / fp ^), images/<model>/<format>-<mode>/ (the PNGs every metric read) and, with QAT,
+qat-data/<model>/ (the model's encoded training data, shared by its QAT rows). Rerunning skips the rows already measured; an
 out_dir holding a sweep with other settings (images, granularity, sampling, QAT options, another folder under
 the same model name) is refused.
 """
@@ -409,10 +410,11 @@ def _measure(model: dict, name: str, fmt: str, mode: str, out: Path, quality: Cl
     elif mode == "qat":
         from ..training.qat import QATConfig, qat_distill
 
-        # a work folder per row: an interrupted QAT resumes from its checkpoint; gone once the row is measured
+        # a work folder per row: an interrupted QAT resumes from its checkpoint; gone once the row is measured.
+        # The encoded training data are the model's, whatever the format: one cache per model serves every row
         work = out / "qat-work" / name / fmt
         result = qat_distill(pipe, QATConfig(weights=fmt, **scales, **_qat_fields(family, settings["qat"], sampling)),
-                             work_dir=work)
+                             work_dir=work, data_dir=out / "qat-data" / name)
         handle = result.handle
         extra["qat"] = {"first": result.log[0] if result.log else None, "last": result.log[-1] if result.log
                         else None, "heldout_loss": result.heldout}

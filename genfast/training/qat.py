@@ -57,7 +57,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -219,12 +219,24 @@ class _Task:
                 part.to(device)
             yield
 
-    def data_recipe(self, heldout: bool):
+    labelled = True  # class labels, dropped to the null class as in training (a t2i task's captions are not)
+
+    def recipe_class(self):
         raise NotImplementedError
+
+    def data_recipe(self, heldout: bool):
+        """The training recipe whose data (and, held out, fixed batches of HELDOUT_SEED renders) are distilled on."""
+        c = self.config
+        fields = dict(steps=c.steps, batch_size=c.batch_size,
+                      pool_size=HELDOUT_BATCHES * c.batch_size if heldout else c.pool_size,
+                      seed=HELDOUT_SEED if heldout else TRAIN_SEED)
+        if self.labelled:
+            fields["label_dropout"] = LABEL_DROPOUT
+        return self.recipe_class()(**fields)
 
     def batch_recipe(self, heldout: bool):
         """The recipe batch_at draws a batch with: held-out data in a fixed order, training data by config.seed."""
-        return self.data_recipe(True) if heldout else _replace(self.data_recipe(False), seed=self.config.seed)
+        return self.data_recipe(True) if heldout else replace(self.data_recipe(False), seed=self.config.seed)
 
     def prepare(self, work_dir: Path, device, progress: bool, which: tuple[bool, ...] = (False, True)) -> None:
         """Encode the training (False) and / or held-out (True) data, cached in work_dir/train, work_dir/heldout
@@ -241,13 +253,10 @@ class _TokenTask(_Task):
     def frozen(self):
         return [self.pipe.vqvae]
 
-    def data_recipe(self, heldout: bool):
+    def recipe_class(self):
         from .var_train import VARRecipe
 
-        c = self.config
-        return VARRecipe(steps=c.steps, batch_size=c.batch_size, label_dropout=LABEL_DROPOUT,
-                         pool_size=HELDOUT_BATCHES * c.batch_size if heldout else c.pool_size,
-                         seed=HELDOUT_SEED if heldout else TRAIN_SEED)
+        return VARRecipe
 
     def encode(self, recipe, folder, device, progress):
         from .var_train import token_pool
@@ -312,13 +321,10 @@ class _ClassTask(_DiffusionTask):
     def frozen(self):
         return [self.pipe.vae]
 
-    def data_recipe(self, heldout: bool):
+    def recipe_class(self):
         from .class_cond import ClassCondRecipe
 
-        c = self.config
-        return ClassCondRecipe(steps=c.steps, batch_size=c.batch_size, label_dropout=LABEL_DROPOUT,
-                               pool_size=HELDOUT_BATCHES * c.batch_size if heldout else c.pool_size,
-                               seed=HELDOUT_SEED if heldout else TRAIN_SEED)
+        return ClassCondRecipe
 
     def encode(self, recipe, folder, device, progress):
         from .class_cond import latent_pool
@@ -345,13 +351,12 @@ class _T2ITask(_DiffusionTask):
     def frozen(self):
         return [self.pipe.vae, self.pipe.text_encoder]
 
-    def data_recipe(self, heldout: bool):
+    labelled = False
+
+    def recipe_class(self):
         from .t2i import T2IRecipe
 
-        c = self.config
-        return T2IRecipe(steps=c.steps, batch_size=c.batch_size,
-                         pool_size=HELDOUT_BATCHES * c.batch_size if heldout else c.pool_size,
-                         seed=HELDOUT_SEED if heldout else TRAIN_SEED)
+        return T2IRecipe
 
     def encode(self, recipe, folder, device, progress):
         from .t2i import latent_pool
@@ -374,12 +379,6 @@ class _T2ITask(_DiffusionTask):
     @staticmethod
     def run(model, batch):
         return model(batch["x"], batch["t"], batch["cond"]).sample
-
-
-def _replace(recipe, **changes):
-    import dataclasses
-
-    return dataclasses.replace(recipe, **changes)
 
 
 def _task(pipe, config: QATConfig) -> _Task:
@@ -496,14 +495,16 @@ def _drop_lora(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------- training
 
 def qat_distill(pipe, config: QATConfig, work_dir: str | os.PathLike | None = None,
-                progress: bool = False) -> QATResult:
+                progress: bool = False, data_dir: str | os.PathLike | None = None) -> QATResult:
     """Distil the pipeline's fp denoiser into itself quantized in config.weights (module docstring); returns
     QATResult(pipe, handle, log, heldout, finished).
 
     The pipeline's denoiser is trained in place where it lives (its device) and ends quantized by
     genfast.quantize (kernel "dequantize", the layout save_quantized writes): save it with
     genfast.save_quantized(result.pipe, out, result.handle). work_dir: checkpoints, encoded data and the
-    per-step log; the same call resumes an interrupted run (None: a temporary folder). Stopped by
+    per-step log; the same call resumes an interrupted run (None: a temporary folder). data_dir: where the
+    encoded data are cached instead (default work_dir): the caches are keyed by the data and the frozen
+    parts' weights, so runs of one model in other formats can share them. Stopped by
     config.max_minutes, the pipeline is put back as it was and finished is False.
     """
     from ..api import handles_on
@@ -545,7 +546,7 @@ def qat_distill(pipe, config: QATConfig, work_dir: str | os.PathLike | None = No
         lock = WorkDirLock(work)
         loop = fq = None
         try:
-            task.prepare(work, device, progress)
+            task.prepare(Path(data_dir) if data_dir is not None else work, device, progress)
             run_info = {"qat": {k: v for k, v in config.to_dict().items() if k not in _RUN_CONTROL},
                         "pipeline": type(pipe).__name__, "model": type(student).__name__,
                         "teacher": state_hash(teacher), "frozen": state_hash(*task.frozen())}
