@@ -23,10 +23,13 @@ MINI_ASSEMBLED = "genfast-mini-assembled"
 ASSEMBLED_PLAN = '{"layers_per_block": [1, 1], "mid_block": false, "drop_stages": 1, "down_attention": [false, false]}'
 DIT_CLASS, LAMAMBA_CLASS, ASCAN_CLASS = "genfast-dit-class", "genfast-lamamba-class", "genfast-ascan-class"
 ASCAN_T2I = "genfast-ascan-t2i"
+VAR_MINI = "genfast-var-mini"
 # the backbone minis: one recipe and budget each (`make train-backbones` runs them all); the DiT is sized to
 # LaMamba mini's 2,343,606 parameters (dit_config picks the nearest of its widths and depths)
 _TRAIN_MODEL = {DIT_CLASS: "train-class --model dit --params 2343606", LAMAMBA_CLASS: "train-class --model lamamba-mini",
-                ASCAN_CLASS: "train-class --model ascan-mini", ASCAN_T2I: "train-t2i --model ascan-t2i-mini"}
+                ASCAN_CLASS: "train-class --model ascan-mini", ASCAN_T2I: "train-t2i --model ascan-t2i-mini",
+                # the language-style mini: the 2M member of issue 19's sweep, at its shared budget (`make train-bits`)
+                VAR_MINI: "train-var --size 2M --tokenizer-steps 800 --steps 1000"}
 _REBUILT_BY = {MINI: "genfast train-mini", EVALUATOR: "genfast train-mini", HEADS: "genfast train-heads",
                IDENTITY: "genfast train-heads",
                MINI_ASSEMBLED: f"genfast distill --plan '{ASSEMBLED_PLAN}' --steps 675 --batch-size 64 "

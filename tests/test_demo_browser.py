@@ -146,6 +146,25 @@ def test_backbones_tab_shows_each_backbone_s_image_and_costs(page, demo_server, 
     _screenshot(page, "backbones")
 
 
+def test_bits_tab_shows_both_families_at_16_bits_and_the_chosen_bits(page, demo_server, tmp_path, monkeypatch):
+    from test_demo_bits import tiny_bits_models
+
+    models, _ = demo_server
+    monkeypatch.setattr(models, "bits_pipelines", tiny_bits_models(tmp_path))
+    _open(page, "Bits")
+    box = page.locator("#bits-bits input")  # the bit width, chosen as a user does: type it, pick it with Enter
+    box.click()
+    box.fill("3")
+    box.press("Enter")
+    page.locator("#bits-kind label", has_text="fp").click()
+    page.click("#bits-run")
+    table = _wait_text(page, "#bits-numbers", "fp3_e2m0", "PSNR", "DiT")
+    assert "VAR" in table and "total bits at 16-bit (MB)" in table and "Round to nearest (PTQ) here" in table
+    js = ("() => [...document.querySelectorAll('#bits-images img')].filter(i => i.complete && "
+          "i.naturalWidth === 256).length")
+    page.wait_for_function(f"() => ({js})() >= 4", timeout=LONG)  # 16-bit and 3-bit, each family
+    _screenshot(page, "bits")
+
 def _head_photos(folder: Path, views: int) -> list[str]:
     from genfast.cli import main
 

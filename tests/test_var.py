@@ -251,7 +251,7 @@ def test_bad_sampling_options(model, tokenizer):
         model(torch.tensor([0]), torch.zeros(1, 3, 4))  # 1 + 3 tokens: not a scale boundary
 
 
-@pytest.mark.parametrize(("name", "target"), [("0.5M", 0.5e6), ("2M", 2e6), ("8M", 8e6)])
+@pytest.mark.parametrize(("name", "target"), [("0.5M", 0.5e6), ("1M", 1e6), ("2M", 2e6), ("8M", 8e6)])
 def test_named_sizes_match_the_issue(name, target):
     with torch.device("meta"):
         n = count_params(VARModel(**var_config(name)))

@@ -13,13 +13,14 @@ import gradio as gr
 from .accelerate_tab import AccelerateTab
 from .assemble_tab import AssembleTab
 from .backbones_tab import BackbonesTab
+from .bits_tab import BitsTab
 from .common import DemoModels, Jobs
 from .compare_tab import CompareTab
 from .heads_tab import HeadsTab
 from .quantize_tab import QuantizeTab
 
 TABS = (("Accelerate", AccelerateTab), ("Compare", CompareTab), ("Quantize", QuantizeTab),
-        ("Assemble", AssembleTab), ("Backbones", BackbonesTab), ("3D heads", HeadsTab))
+        ("Assemble", AssembleTab), ("Backbones", BackbonesTab), ("Bits", BitsTab), ("3D heads", HeadsTab))
 
 INTRO = """# genfast demo
 The same prompt and seed through the baseline and the faster model, side by side: what each took and

@@ -251,6 +251,8 @@ class DemoModels:
     workers: how many jobs may run on pipelines at once (the queue's concurrency limit).
     class_pipelines: the Backbones tab's DiTPipeline folders (a list of backbones_tab.Backbone), or None for
     the embedded ones (assets/genfast-*-class); settable after construction.
+    bits_pipelines: the Bits tab's models, one per family (a list of bits_tab.BitsModel), or None for the
+    embedded ones (assets/genfast-var-mini, assets/genfast-dit-class); settable after construction.
     """
 
     def __init__(self, pipeline: str | None = None, device: str = "cpu", workers: int = 2):
@@ -272,6 +274,7 @@ class DemoModels:
         self._key_locks: dict[str, threading.Lock] = {}
         self._cache: dict[str, object] = {}
         self.class_pipelines: list | None = None
+        self.bits_pipelines: list | None = None
 
     def warm_up(self) -> None:
         """One short call per worker: a process's first call pays for allocations no later call pays for,

@@ -40,18 +40,20 @@ from .vq import check_patch_nums
 __all__ = ["VARBlock", "VARModel", "VAROutput", "var_config"]
 
 _BASE = dict(vocab_size=512, codebook_dim=16, patch_nums=(1, 2, 3, 4, 6, 8), num_classes=24, mlp_ratio=4.0)
-# genfast's sizes for the bit-level scaling sweep (issue 19): about 0.5M / 2M / 8M parameters with
+# genfast's sizes for the bit-level scaling sweep (issue 19): about 0.5M / 1M / 2M / 8M parameters with
 # the "mini" tokenizer (512 x 16 codebook, 130 tokens); 32 channels per head.
 VAR_CONFIGS = {
     "0.5M": {**_BASE, "width": 64, "depth": 6, "num_heads": 2},
+    "1M": {**_BASE, "width": 96, "depth": 6, "num_heads": 3},
     "2M": {**_BASE, "width": 128, "depth": 6, "num_heads": 4},
     "8M": {**_BASE, "width": 192, "depth": 12, "num_heads": 6},
 }
 
 
 def var_config(name: str) -> dict:
-    """Keyword arguments for `VARModel(**config)` of a named size: "0.5M", "2M" or "8M" (genfast's choices:
-    widths 64 / 128 / 192, depths 6 / 6 / 12, 32 channels per head, for the tokenizer of vq_config("mini"))."""
+    """Keyword arguments for `VARModel(**config)` of a named size: "0.5M", "1M", "2M" or "8M" (genfast's choices:
+    widths 64 / 96 / 128 / 192, depths 6 / 6 / 6 / 12, 32 channels per head, for the tokenizer of
+    vq_config("mini"))."""
     if name not in VAR_CONFIGS:
         raise ValueError(f"unknown VAR size {name!r}; known: {', '.join(VAR_CONFIGS)}")
     return dict(VAR_CONFIGS[name])
