@@ -137,6 +137,27 @@ def summary(sweep: Path) -> dict:
                                   "var_rel_fid": v["relative"]["fid"], "dit_rel_fid": d["relative"]["fid"],
                                   "keeps_more_accuracy": None if rv is None or rd is None
                                   else ("var" if rv > rd else "dit" if rd > rv else "tie")})
+    # each family pooled over its sizes and both kinds: 96 images a row leave one row's accuracy a few points
+    # noisy, so the family-level answer pools the rows (the binomial standard error is given with it)
+    n = results["settings"]["num_images"]
+    pooled = []
+    for family, names in families.items():
+        for metric in ("class", "color"):  # colour: what the short-budget minis learned best (see README)
+            base = [find(m, 16, "fp", "none")["class_accuracy"][metric] for m in names]
+            q = sum(base) / len(base)
+            for b in (4, 3, 2):
+                for mode in ("ptq", "qat"):
+                    accs = [r["class_accuracy"][metric] for m in names for kind in ("int", "fp")
+                            if (r := find(m, b, kind, mode)) is not None]
+                    if not accs:
+                        continue
+                    p = sum(accs) / len(accs)
+                    se_p, se_q = (p * (1 - p) / (n * len(accs))) ** 0.5, (q * (1 - q) / (n * len(base))) ** 0.5
+                    ratio = p / q if q else None
+                    se = None if not q or not p else ratio * ((se_p / p) ** 2 + (se_q / q) ** 2) ** 0.5
+                    pooled.append({"family": family, "metric": metric, "format": f"W{b} {mode}", "rows": len(accs),
+                                   "images": n * len(accs), "accuracy": p, "accuracy_16bit": q, "relative": ratio,
+                                   "relative_se": se})
     step_up = []
     for n in families["var"]:
         for kind in ("int", "fp"):
@@ -156,7 +177,8 @@ def summary(sweep: Path) -> dict:
                               "w4_qat_accuracy": q["class_accuracy"]["class"],
                               "w6_ptq_accuracy": p["class_accuracy"]["class"],
                               "w4_qat_ge_w6_ptq_psnr": q["to_16bit"]["psnr"] >= p["to_16bit"]["psnr"]})
-    out = {"sweep": str(sweep), "per_model": per_model, "matched_size_pairs": pairs, "var_qat_vs_wider_ptq": step_up,
+    out = {"sweep": str(sweep), "per_model": per_model, "matched_size_pairs": pairs, "family_pooled": pooled,
+           "var_qat_vs_wider_ptq": step_up,
            "dit_w4_qat_vs_w6_ptq": diffusion}
     atomic_write_text(sweep / "summary.json", json.dumps(out, indent=2) + "\n")
     lines = ["# What the sweep says\n", "## Relative class accuracy (/ the model's 16-bit), matched sizes\n",
@@ -167,6 +189,14 @@ def summary(sweep: Path) -> dict:
         lines.append(f"| {p['var']} | {p['dit']} | {p['format']} | {p['var_total_mb']:.3f} | {p['dit_total_mb']:.3f} | "
                      f"{f(p['var_rel_accuracy'], '.3f')} | {f(p['dit_rel_accuracy'], '.3f')} | "
                      f"{f(p['var_rel_fid'], '.3f')} | {f(p['dit_rel_fid'], '.3f')} | {p['keeps_more_accuracy']} |")
+    lines += ["", "## Each family pooled over its sizes and both kinds (relative = pooled accuracy / pooled 16-bit)\n",
+              "| family | accuracy of | format | rows | images | accuracy | 16-bit | relative (+- SE) |",
+              "|" + "---|" * 8]
+    for p in pooled:
+        rel = "-" if p["relative"] is None else f"{p['relative']:.3f} +- {p['relative_se']:.3f}"
+        lines.append(f"| {p['family']} | {p['metric']} | {p['format']} | {p['rows']} | {p['images']} | "
+                     f"{100 * p['accuracy']:.1f}% | "
+                     f"{100 * p['accuracy_16bit']:.1f}% | {rel} |")
     lines += ["", "## VAR: W(n) QAT against W(n+1) PTQ\n", "| model | QAT | PTQ | QAT acc | PTQ acc | QAT FID | PTQ FID |",
               "|" + "---|" * 7]
     for s in step_up:

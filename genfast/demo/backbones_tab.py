@@ -68,8 +68,16 @@ def default_backbones() -> list[Backbone]:
             for name, folder in (("DiT", DIT_CLASS), ("LaMamba-Diff", LAMAMBA_CLASS), ("AsCAN", ASCAN_CLASS))]
 
 
-def is_built(backbone: Backbone) -> bool:
-    return (Path(backbone.folder) / "model_index.json").is_file()
+def is_built(model) -> bool:
+    """Whether a model's folder (anything with .folder: a Backbone, a bits_tab.BitsModel) holds a pipeline."""
+    return (Path(model.folder) / "model_index.json").is_file()
+
+
+def built_status(models: list, nothing: str) -> str:
+    """What a tab says before a run: the models found, then the missing ones with their build commands."""
+    found = [m for m in models if is_built(m)]
+    head = f"Found: {', '.join(m.name for m in found)}." if found else nothing
+    return "\n\n".join(filter(None, [head, missing_note([m for m in models if not is_built(m)])]))
 
 
 def check_class(label) -> str:
@@ -149,10 +157,7 @@ class BackbonesTab(Tab):
 
     def status(self) -> str:
         """What the page says before a run: which backbones are there and how to build the others."""
-        found = [b for b in self.backbones() if is_built(b)]
-        missing = [b for b in self.backbones() if not is_built(b)]
-        head = f"Found: {', '.join(b.name for b in found)}." if found else "No backbone is built yet."
-        return "\n\n".join(filter(None, [head, missing_note(missing)]))
+        return built_status(self.backbones(), "No backbone is built yet.")
 
     @user_errors
     def run(self, label, seed, steps, guidance, request: gr.Request = None,

@@ -28,7 +28,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from .backbones_tab import check_class, missing_note
+from .backbones_tab import built_status, check_class, is_built, missing_note
 from .common import MAX_SEED, Jobs, Tab, check_int, enlarge, fmt_seconds, to_pil, user_errors, with_denoiser
 
 INTRO = ("One class and seed through a model of each family, the language-style VAR and the diffusion-style "
@@ -54,10 +54,6 @@ def default_models() -> list[BitsModel]:
 
     return [BitsModel(name, family, models.ASSETS / folder, models.rebuild_command(folder))
             for name, family, folder in (("VAR", "var", models.VAR_MINI), ("DiT", "dit", models.DIT_CLASS))]
-
-
-def is_built(model: BitsModel) -> bool:
-    return (Path(model.folder) / "model_index.json").is_file()
 
 
 def check_bits(value) -> int:
@@ -152,10 +148,7 @@ class BitsTab(Tab):
 
     def status(self) -> str:
         """What the page says before a run: which models are there and how to build the others."""
-        found = [m for m in self.chosen() if is_built(m)]
-        missing = [m for m in self.chosen() if not is_built(m)]
-        head = f"Found: {', '.join(m.name for m in found)}." if found else "No model is built yet."
-        return "\n\n".join(filter(None, [head, missing_note(missing)]))
+        return built_status(self.chosen(), "No model is built yet.")
 
     @user_errors
     def run(self, label, seed, bits, kind, request: gr.Request = None,
