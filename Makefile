@@ -63,7 +63,7 @@ bits: train-bits
 	$(VENV)/bin/genfast sweep-bits --dit dit-2M=outputs/bits/dit-2M --bits 6 --kinds int --modes ptq --num-images 96 --out docs/bits/dit-w4-long
 	$(VENV)/bin/genfast sweep-bits --dit dit-2M=outputs/bits/dit-2M --bits 4 --kinds int --modes qat --qat-steps 400 --num-images 96 --out docs/bits/dit-w4-long
 	$(PY) bench/bits.py --part summary --sweep docs/bits
-	$(VENV)/bin/genfast sweep-bits $(subst --num-images 96 --out docs/bits,--num-images 480 --out docs/bits/precise,$(BITS_MODELS)) --bits 16 4 3 2 --kinds int fp --modes ptq
+	$(VENV)/bin/genfast sweep-bits $(subst --num-images 96 --out docs/bits,--num-images 480 --out docs/bits/precise,$(BITS_MODELS)) --bits 16 4 3 --kinds int fp --modes ptq
 	$(PY) bench/bits.py --part summary --sweep docs/bits/precise
 
 bench: $(STAMP)
