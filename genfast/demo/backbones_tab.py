@@ -21,7 +21,6 @@ the call, also when it fails.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from .common import (
     MAX_STEPS,
     Jobs,
     Tab,
+    cancel_hook,
     check_int,
     check_number,
     enlarge,
@@ -78,6 +78,16 @@ def built_status(models: list, nothing: str) -> str:
     found = [m for m in models if is_built(m)]
     head = f"Found: {', '.join(m.name for m in found)}." if found else nothing
     return "\n\n".join(filter(None, [head, missing_note([m for m in models if not is_built(m)])]))
+
+
+def split_built(models: list, nothing: str) -> tuple[list, list]:
+    """(the models whose folder holds a pipeline, the others); none built: a gr.Error that starts with
+    `nothing` and names each build command."""
+    present = [m for m in models if is_built(m)]
+    missing = [m for m in models if not is_built(m)]
+    if not present:
+        raise gr.Error(f"{nothing} " + missing_note(missing).replace("\n", " "))
+    return present, missing
 
 
 def check_class(label) -> str:
@@ -167,11 +177,7 @@ class BackbonesTab(Tab):
         seed = check_int("Seed", seed, 0, MAX_SEED)
         steps = check_int("Steps", steps, 1, MAX_STEPS)
         guidance = check_number("Guidance", guidance, 0.0, MAX_GUIDANCE)
-        chosen = self.backbones()
-        present = [b for b in chosen if is_built(b)]
-        missing = [b for b in chosen if not is_built(b)]
-        if not present:
-            raise gr.Error("No class-conditional backbone is built yet. " + missing_note(missing).replace("\n", " "))
+        present, missing = split_built(self.backbones(), "No class-conditional backbone is built yet.")
         flag = self.jobs.start(request, self.TAB)
         samples = 2 if guidance > 1 else 1  # DiTPipeline batches the null class with guidance > 1 only
         gallery, rows = [], []
@@ -201,23 +207,11 @@ class BackbonesTab(Tab):
         pipe = loaded.pipe
         cid = class_label_ids(pipe, [label])[0]  # the folder's own label table
         view = with_denoiser(pipe, pipe.transformer, type(pipe.scheduler).from_config(pipe.scheduler.config))
-        me, calls = threading.get_ident(), 0
-
-        def on_call(module, args):
-            nonlocal calls
-            if threading.get_ident() == me:  # another session's call on the shared denoiser is not ours to stop
-                Jobs.check(flag)
-                calls += 1
-                progress((calls, steps), desc=name, unit="steps")
-
-        hook = pipe.transformer.register_forward_pre_hook(on_call)
-        try:
+        with cancel_hook(pipe.transformer, flag, progress, name, steps) as calls:
             timed, images = time_call(view, lambda: view(
                 [cid], guidance_scale=guidance, num_inference_steps=steps,
                 generator=torch.Generator().manual_seed(seed), output_type="pt").images)
-        finally:
-            hook.remove()
-        return enlarge(to_pil(images[0])), timed.call_s, calls
+        return enlarge(to_pil(images[0])), timed.call_s, calls[0]
 
     def build(self) -> None:
         from ..data.classes import class_names

@@ -21,15 +21,25 @@ A folder that is not built yet is listed with the command that builds it; the ot
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import torch
 
-from .backbones_tab import built_status, check_class, is_built, missing_note
-from .common import MAX_SEED, Jobs, Tab, check_int, enlarge, fmt_seconds, to_pil, user_errors, with_denoiser
+from .backbones_tab import built_status, check_class, missing_note, split_built
+from .common import (
+    MAX_SEED,
+    Jobs,
+    Tab,
+    cancel_hook,
+    check_int,
+    enlarge,
+    fmt_seconds,
+    to_pil,
+    user_errors,
+    with_denoiser,
+)
 
 INTRO = ("One class and seed through a model of each family, the language-style VAR and the diffusion-style "
          "DiT, at 16 bits and at the bit width you choose: the images side by side, each model's total bits, "
@@ -163,11 +173,7 @@ class BitsTab(Tab):
         seed = check_int("Seed", seed, 0, MAX_SEED)
         bits, kind = check_bits(bits), check_kind(kind)
         fmt = format_for(bits, kind)
-        chosen = self.chosen()
-        present = [m for m in chosen if is_built(m)]
-        missing = [m for m in chosen if not is_built(m)]
-        if not present:
-            raise gr.Error("No model of either family is built yet. " + missing_note(missing).replace("\n", " "))
+        present, missing = split_built(self.chosen(), "No model of either family is built yet.")
         flag = self.jobs.start(request, self.TAB)
         gallery, rows = [], []
         for model in present:
@@ -208,21 +214,9 @@ class BitsTab(Tab):
         else:  # its own scheduler (set_timesteps mutates it), the very same denoiser and VAE
             view = with_denoiser(pipe, pipe.transformer, type(pipe.scheduler).from_config(pipe.scheduler.config))
             total = loaded.sampling["num_inference_steps"]
-        me, calls = threading.get_ident(), 0
-
-        def on_call(module, args):
-            nonlocal calls
-            if threading.get_ident() == me:  # another session's call on the shared denoiser is not ours to stop
-                Jobs.check(flag)
-                calls += 1
-                progress((calls, total), desc=desc, unit="steps")
-
-        hook = pipe.transformer.register_forward_pre_hook(on_call)
-        try:
+        with cancel_hook(pipe.transformer, flag, progress, desc, total):
             timed, images = time_call(view, lambda: view([cid], generator=_generator(pipe, seed), output_type="pt",
                                                          **loaded.sampling).images)
-        finally:
-            hook.remove()
         return images[0].float().cpu(), timed.call_s
 
     def build(self) -> None:

@@ -136,6 +136,27 @@ def step_callback(flag: threading.Event | None, progress=None, desc: str = "deno
     return callback
 
 
+@contextmanager
+def cancel_hook(denoiser: torch.nn.Module, flag: threading.Event | None, progress, desc: str, total: int):
+    """For a pipeline that takes no step callback (DiTPipeline, VARPipeline): a forward pre-hook on its
+    denoiser that stops the call when cancelled and moves the progress bar; yields a list holding the count
+    of the calls made. The denoiser may be shared by sessions: the hook acts only on calls from the thread
+    that entered (a pipeline calls its denoiser in the caller's thread), and comes off on exit, also on error."""
+    me, calls = threading.get_ident(), [0]
+
+    def on_call(module, args):
+        if threading.get_ident() == me:  # another session's call on the shared denoiser is not ours to stop
+            Jobs.check(flag)
+            calls[0] += 1
+            progress((calls[0], total), desc=desc, unit="steps")
+
+    hook = denoiser.register_forward_pre_hook(on_call)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
 class SameSeed:
     """One job's text-to-image call, repeatable on any pipeline: the same prompt, settings and seed (a fresh CPU
     generator each time), with the job's cancel flag and progress bar on every denoising step."""
