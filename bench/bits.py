@@ -79,7 +79,10 @@ def ablation(folder: Path, fmt: str, steps: int, num_images: int, out: Path) -> 
     topk = [k for k in rows if "topkld" in k]
     best_topk = max(topk, key=lambda k: acc[k])
     kl_best = max(acc[f"{fmt} QAT fkl"], acc[f"{fmt} QAT rkl"])
+    p16 = acc["16-bit"]
     checks = {
+        # the comparisons below are of point values: a difference under about 2 x this is not resolved
+        "accuracy_standard_error_of_a_row": (p16 * (1 - p16) / num_images) ** 0.5,
         "best_topkld": best_topk,
         "topkld_ge_max_fkl_rkl_accuracy": acc[best_topk] >= kl_best,
         "topkld_default_ge_max_fkl_rkl_accuracy": acc[f"{fmt} QAT topkld-direction"] >= kl_best,
