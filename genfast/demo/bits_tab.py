@@ -98,17 +98,13 @@ class Loaded:
 
 def load_at(family: str, folder, fmt: str, device) -> Loaded:
     """The folder at format `fmt`, made as sweep-bits makes a PTQ row, warmed up."""
-    from ..eval.sweep_bits import FP16, _granularity, _round_to_fp16, load_model, sampling_settings, total_bits
+    from ..eval.sweep_bits import FP16, load_rounded, round_to_nearest, sampling_settings, total_bits
     from ..pipelines import denoiser_of
-    from ..quant import QuantConfig, quantize
 
-    pipe = load_model(family, folder).to(device)
+    pipe = load_rounded(family, folder, device)
     den = denoiser_of(pipe)
-    parameters = sum(p.numel() for p in den.parameters())
-    _round_to_fp16(den)
-    handle = None
-    if fmt != FP16:
-        handle = quantize(pipe, QuantConfig(weights=fmt, kernel="dequantize", **_granularity(fmt, "channel")))
+    parameters = sum(p.numel() for p in den.parameters())  # before quantization packs the weights
+    handle = None if fmt == FP16 else round_to_nearest(pipe, fmt)
     loaded = Loaded(pipe, parameters, total_bits(den, handle), sampling_settings(family, folder))
     # a first call pays for allocations no later call pays for: keep that out of the measured time
     warm = dict(loaded.sampling, **({"num_inference_steps": 2} if family == "dit" else {}))

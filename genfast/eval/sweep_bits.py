@@ -62,8 +62,8 @@ from ..quant.formats import FORMATS
 from ..quant.layers import is_quantized, stored
 from .class_quality import SAMPLE_BATCH, ClassQuality, sample_class_images
 
-__all__ = ["BITS", "FAMILIES", "FP16", "KINDS", "MODES", "format_for", "formats_for", "load_model",
-           "sampling_settings", "sweep_bits", "total_bits"]
+__all__ = ["BITS", "FAMILIES", "FP16", "KINDS", "MODES", "format_for", "formats_for", "load_model", "load_rounded",
+           "round_to_nearest", "sampling_settings", "sweep_bits", "total_bits"]
 
 FP16 = "fp16"  # the 16-bit row's format name: the weights cast to float16, no quantizer
 BITS = (16, 8, 6, 4, 3, 2)
@@ -157,6 +157,20 @@ def sampling_settings(family: str, folder: str | os.PathLike, overrides: dict | 
                              f"{', '.join(_SAMPLING_KEYS[family])}")
         settings[key] = value
     return settings
+
+
+def load_rounded(family: str, folder: str | os.PathLike, device: str = "cpu"):
+    """A model as every row of the sweep starts from: the folder loaded in float32 with its denoiser's
+    parameters rounded to float16 (the 16-bit row as it is; PTQ and QAT rows quantize it further)."""
+    pipe = load_model(family, folder).to(device)
+    _round_to_fp16(denoiser_of(pipe))
+    return pipe
+
+
+def round_to_nearest(pipe, fmt: str, granularity: str = "channel"):
+    """A PTQ row's quantization of `pipe` (from load_rounded) to format `fmt`, in place: genfast.quantize on
+    genfast's packed path, whose bits total_bits counts; the quantize handle."""
+    return quantize(pipe, QuantConfig(weights=fmt, kernel="dequantize", **_granularity(fmt, granularity)))
 
 
 def _fingerprint(folder: Path) -> str:
@@ -397,22 +411,21 @@ def _measure(model: dict, name: str, fmt: str, mode: str, out: Path, quality: Cl
 
     t0 = time.perf_counter()
     family, sampling = model["family"], model["sampling"]
-    pipe = load_model(family, model["folder"]).to(device)
+    pipe = load_rounded(family, model["folder"], device)
     den = denoiser_of(pipe)
     model.setdefault("parameters", sum(p.numel() for p in den.parameters()))
     model.setdefault("codec_parameters", sum(p.numel() for p in (pipe.vqvae if family == "var" else pipe.vae)
                                              .parameters()))
-    _round_to_fp16(den)
     extra, handle = {}, None
-    scales = _granularity(fmt, settings["granularity"])
     if mode == "ptq":
-        handle = quantize(pipe, QuantConfig(weights=fmt, kernel="dequantize", **scales))
+        handle = round_to_nearest(pipe, fmt, settings["granularity"])
     elif mode == "qat":
         from ..training.qat import QATConfig, qat_distill
 
         # a work folder per row: an interrupted QAT resumes from its checkpoint; gone once the row is measured.
         # The encoded training data are the model's, whatever the format: one cache per model serves every row
         work = out / "qat-work" / name / fmt
+        scales = _granularity(fmt, settings["granularity"])
         result = qat_distill(pipe, QATConfig(weights=fmt, **scales, **_qat_fields(family, settings["qat"], sampling)),
                              work_dir=work, data_dir=out / "qat-data" / name)
         handle = result.handle
